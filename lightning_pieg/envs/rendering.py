@@ -1,0 +1,32 @@
+"""Headless OpenGL for MuJoCo: choose a backend before dm_control loads, and fail clearly when none works."""
+from __future__ import annotations
+
+import os
+
+BACKEND_HELP = (
+    "MuJoCo could not render with MUJOCO_GL={backend!r}: {error}\n"
+    "Headless rendering needs an OpenGL backend. Either install EGL (Debian/Ubuntu: "
+    "`apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri`, or an NVIDIA driver) and keep MUJOCO_GL=egl, "
+    "or install OSMesa (`apt-get install libosmesa6`) and set MUJOCO_GL=osmesa."
+)
+
+
+def select_backend() -> str:
+    """Default to EGL unless the user chose a backend; must run before dm_control is imported."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] == "egl":
+        # PyOpenGL reads this one; keeping the two in step avoids a GLX fallback on machines without a display.
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    return os.environ["MUJOCO_GL"]
+
+
+class RenderingError(RuntimeError):
+    """No OpenGL backend could render a frame."""
+
+
+def check_render(physics) -> None:
+    """Render one tiny frame, turning the backend's obscure failure into a message that names the fix."""
+    try:
+        physics.render(8, 8, camera_id=0)
+    except Exception as error:  # the backends raise many types (ImportError, RuntimeError, OSError, EGL errors)
+        raise RenderingError(BACKEND_HELP.format(backend=os.environ.get("MUJOCO_GL"), error=error)) from error
