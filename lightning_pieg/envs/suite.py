@@ -1,13 +1,10 @@
 """DeepMind Control Suite tasks from pixels: the training scene and the hook that generalization modes plug into."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import dm_env
 
 from lightning_pieg.envs.rendering import check_render
-from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, PixelObservation
+from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, Mode, PixelObservation
 
 # Task name -> (domain, task). Names follow DrQ-v2's configs; cup_catch is ball_in_cup's catch.
 TASKS: dict[str, tuple[str, str]] = {
@@ -35,22 +32,6 @@ TASKS: dict[str, tuple[str, str]] = {
 
 # Quadruped is small in camera 0; DrQ-v2 and PIE-G use its zoomed camera.
 CAMERAS = {"quadruped": 2}
-
-EnvTransform = Callable[[dm_env.Environment, int, dict], dm_env.Environment]
-
-
-@dataclass(frozen=True)
-class Mode:
-    """How an evaluation mode changes the scene.
-
-    ``scene`` wraps the action-scaled env below the renderer (it may edit the physics model, e.g. colours);
-    ``frames`` wraps the single-frame pixel env (it may edit each rendered frame, e.g. video backgrounds).
-    Both receive ``(env, seed, options)``.
-    """
-
-    scene: EnvTransform | None = None
-    frames: EnvTransform | None = None
-
 
 MODES: dict[str, Mode] = {"train": Mode()}
 

@@ -10,11 +10,28 @@ edit each rendered frame. Every wrapper forwards unknown attributes (``physics``
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import dm_env
 import numpy as np
 from dm_env import specs
+
+
+EnvTransform = Callable[[dm_env.Environment, int, dict], dm_env.Environment]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How an evaluation mode changes a task's scene.
+
+    ``scene`` wraps the action-scaled env below the renderer (it may edit the physics model, e.g. colours);
+    ``frames`` wraps the single-frame pixel env (it may edit each rendered frame, e.g. video backgrounds).
+    Both are called as ``transform(env, seed, options)`` and return the wrapped env.
+    """
+
+    scene: EnvTransform | None = None
+    frames: EnvTransform | None = None
 
 
 def first_step(observation: Any) -> dm_env.TimeStep:
