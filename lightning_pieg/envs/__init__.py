@@ -10,6 +10,7 @@ import importlib
 import dm_env
 
 from lightning_pieg.envs.rendering import select_backend
+from lightning_pieg.envs.wrappers import Wrapper
 
 select_backend()
 
@@ -51,3 +52,47 @@ def make(task: str, mode: str = "train", seed: int = 0, **options) -> dm_env.Env
     """
     check(task, mode)
     return _family_of(task).make(task, mode=mode, seed=seed, **options)
+
+
+def _layers(env: dm_env.Environment) -> list:
+    layers = [env]
+    while isinstance(layers[-1], Wrapper):
+        layers.append(layers[-1]._env)
+    return layers
+
+
+def _base_random(base):
+    """The numpy RandomState a dm_control env draws its episodes from (suite: task.random; composer: random_state)."""
+    if hasattr(base, "task") and hasattr(base.task, "random"):
+        return base.task.random
+    return getattr(base, "random_state", None)
+
+
+def get_reset_state(env: dm_env.Environment) -> list:
+    """Everything the next ``reset()`` draws from: each layer's ``reset_state()`` and the base env's RNG state.
+
+    Layers with state of their own (a colour generator, a video counter) define ``reset_state`` and
+    ``load_reset_state``; restoring this list and calling ``reset()`` reproduces the same episode start.
+    """
+    states = []
+    for layer in _layers(env):
+        if hasattr(type(layer), "reset_state"):  # defined by the layer itself, not forwarded to the wrapped env
+            states.append(layer.reset_state())
+        elif not isinstance(layer, Wrapper) and _base_random(layer) is not None:
+            states.append(_base_random(layer).get_state())
+        else:
+            states.append(None)
+    return states
+
+
+def set_reset_state(env: dm_env.Environment, states: list) -> None:
+    layers = _layers(env)
+    if len(states) != len(layers):
+        raise ValueError("saved environment state does not match this environment's wrappers")
+    for layer, state in zip(layers, states):
+        if state is None:
+            continue
+        if hasattr(type(layer), "load_reset_state"):
+            layer.load_reset_state(state)
+        else:
+            _base_random(layer).set_state(state)

@@ -1,0 +1,166 @@
+"""Lightning callbacks: training metrics and progress, periodic evaluation with videos, frame-based checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import dm_env
+import pytorch_lightning as pl
+
+from lightning_pieg.data import ReplayDataModule
+from lightning_pieg.evaluation import run_episode, summarise
+from lightning_pieg.tracking import log_artifact
+from lightning_pieg.video import write_video
+
+
+def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], frame: int) -> None:
+    """Log on every logger with the frame count as the step, so runs line up in the MLflow UI."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=frame)
+
+
+def _stream(trainer: pl.Trainer) -> ReplayDataModule:
+    return trainer.datamodule
+
+
+class TrainingProgress(pl.Callback):
+    """Logs ``train/*`` (losses every ``log_every_updates`` updates, every finished episode) and prints a line
+    with frame, episode reward and frames/s at every episode end."""
+
+    def __init__(self, total_frames: int, log_every_updates: int = 50, print_fn: Callable[[str], None] = print):
+        self.total_frames, self.log_every_updates, self.print = total_frames, log_every_updates, print_fn
+        self._updates = 0
+        self._clock: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._clock = (time.perf_counter(), _stream(trainer).collector.frame)
+
+    def _fps(self, frame: int) -> float:
+        start, start_frame = self._clock
+        return (frame - start_frame) / max(time.perf_counter() - start, 1e-9)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        frame = _stream(trainer).collector.frame
+        self._updates += 1
+        if self._updates % self.log_every_updates == 0:
+            log_metrics(trainer, {**pl_module.last_metrics, "train/fps": self._fps(frame)}, frame)
+        self._log_episodes(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._log_episodes(trainer)
+
+    def _log_episodes(self, trainer) -> None:
+        collector = _stream(trainer).collector
+        frame = collector.frame
+        for episode_frame, reward, length in collector.pop_finished():
+            fps = self._fps(frame)
+            log_metrics(trainer, {"train/episode_reward": reward, "train/episode_length": length * collector.action_repeat,
+                                  "train/episode": collector.stats.episode, "train/fps": fps}, episode_frame)
+            eta = (self.total_frames - frame) / max(fps, 1e-9)
+            self.print(f"frame {episode_frame:>9,}/{self.total_frames:,} | episode {collector.stats.episode:>5} | "
+                       f"episode_reward {reward:8.1f} | {fps:6.1f} frames/s | eta {eta / 60:6.1f} min")
+
+
+class Evaluate(pl.Callback):
+    """Every ``every_frames`` (and at the start and the end of training), ``num_episodes`` episodes with the mean
+    action on the training environment; logs ``eval/<mode>/*`` and uploads the first episode as an mp4."""
+
+    def __init__(self, env: dm_env.Environment, num_episodes: int, every_frames: int, video_dir: Path | None,
+                 mode: str = "train", print_fn: Callable[[str], None] = print):
+        self.env, self.num_episodes, self.every_frames, self.mode = env, num_episodes, every_frames, mode
+        self.video_dir, self.print = video_dir, print_fn
+        self._last_frame: int | None = None
+
+    def evaluate(self, trainer, pl_module) -> None:
+        collector = _stream(trainer).collector
+        frame, step = collector.frame, collector.stats.step
+        if self.num_episodes <= 0 or self._last_frame == frame:
+            return
+        act = lambda obs: pl_module.act(obs, step, explore=False)  # noqa: E731
+        episodes = [run_episode(self.env, act, record=(i == 0 and self.video_dir is not None))
+                    for i in range(self.num_episodes)]
+        summary = summarise(episodes)
+        log_metrics(trainer, {f"eval/{self.mode}/{k}": v for k, v in summary.items()}, frame)
+        self.print(f"eval {self.mode} at frame {frame:,}: episode_reward {summary['episode_reward']:.1f} "
+                   f"± {summary['episode_reward_std']:.1f} over {self.num_episodes} episodes")
+        if self.video_dir is not None and trainer.is_global_zero:
+            self.video_dir.mkdir(parents=True, exist_ok=True)
+            path = write_video(self.video_dir / f"eval_{self.mode}_{frame:09d}.mp4", episodes[0].frames)
+            log_artifact(trainer.logger, path, "videos")
+        self._last_frame = frame
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if _stream(trainer).collector.stats.step == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        frame = _stream(trainer).collector.frame
+        last = self._last_frame if self._last_frame is not None else -1
+        if self.every_frames > 0 and frame // self.every_frames > max(last, 0) // self.every_frames:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class FrameCheckpoint(pl.Callback):
+    """Writes a checkpoint (atomically: temporary file, then rename) at the first fresh episode after every
+    ``every_frames`` frames, and at the end of training; keeps the last ``keep`` locally and uploads the final one.
+
+    Beside each ``frame_<N>.ckpt``: ``frame_<N>.json`` (frame, MLflow run id, config) and, with
+    ``save_replay``, ``frame_<N>.replay.npz``.
+    """
+
+    def __init__(self, directory: Path, every_frames: int, keep: int, save_replay: bool, config: dict,
+                 print_fn: Callable[[str], None] = print):
+        self.directory, self.every_frames, self.keep, self.save_replay = directory, every_frames, keep, save_replay
+        self.config, self.print = config, print_fn
+        self._next_frame: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        frame = _stream(trainer).collector.frame
+        self._next_frame = (frame // self.every_frames + 1) * self.every_frames if self.every_frames > 0 else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        collector = _stream(trainer).collector
+        if self._next_frame is not None and collector.frame >= self._next_frame and collector.at_fresh_episode:
+            self.save(trainer)
+            self._next_frame = (collector.frame // self.every_frames + 1) * self.every_frames
+
+    def save(self, trainer: pl.Trainer, final: bool = False) -> Path:
+        datamodule = _stream(trainer)
+        frame = datamodule.collector.frame
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"frame_{frame:09d}.ckpt"
+        if not final:  # the final state (mid-episode, budget spent) is for acting and evaluation, not for resuming
+            if self.save_replay:
+                datamodule.replay.save(path.with_suffix(".replay.npz"))
+        _atomic(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=final))
+        if trainer.is_global_zero:
+            meta = {"frame": frame, "mlflow_run_id": getattr(trainer.logger, "run_id", None), "final": final,
+                    "replay": self.save_replay and not final, "config": self.config}
+            _atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+            self._prune()
+            self.print(f"checkpoint: {path}")
+        return path
+
+    def _prune(self) -> None:
+        checkpoints = sorted(self.directory.glob("frame_*.ckpt"))
+        for old in checkpoints[:-self.keep] if self.keep > 0 else []:
+            for sibling in (old, old.with_suffix(".json"), old.with_suffix(".replay.npz")):
+                sibling.unlink(missing_ok=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = self.save(trainer, final=True)
+        log_artifact(trainer.logger, path, "checkpoints")
+        log_artifact(trainer.logger, path.with_suffix(".json"), "checkpoints")

@@ -1,0 +1,90 @@
+"""The data stream: an IterableDataset that runs the collector and yields replay samples when an update is due."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_pieg.collector import Collector
+from lightning_pieg.replay import Replay
+
+Batch = tuple[torch.Tensor, ...]  # obs, action, reward, discount, next_obs, agent step
+
+
+class ReplayStream(IterableDataset):
+    """Interleaves collection and updates exactly as DrQ-v2's loop: at each agent step ``s`` choose the action,
+    yield a batch if an update is due (``s >= first_update_step`` and ``s % update_every_steps == 0``), then step
+    the env. Iteration ends when the run's agent-step budget is spent, so a run stops at its frame budget.
+
+    The learner must not prefetch: consume it with ``training_step(self, dataloader_iter)``.
+    """
+
+    def __init__(self, collector: Collector, batch_size: int, update_every_steps: int, first_update_step: int,
+                 total_steps: int):
+        super().__init__()
+        self.collector, self.batch_size = collector, batch_size
+        self.update_every_steps, self.first_update_step, self.total_steps = (
+            update_every_steps, first_update_step, total_steps)
+
+    def update_due(self, step: int) -> bool:
+        return step >= self.first_update_step and step % self.update_every_steps == 0
+
+    def num_updates(self, from_step: int = 0) -> int:
+        return sum(1 for step in range(from_step, self.total_steps) if self.update_due(step))
+
+    def __iter__(self) -> Iterator[Batch]:
+        collector = self.collector
+        while collector.stats.step < self.total_steps:
+            if collector.pending_action is None:  # a resumed stream starts after its last update, action chosen
+                collector.prepare()
+                step = collector.stats.step
+                if self.update_due(step):
+                    yield (*collector.replay.sample(self.batch_size), torch.tensor(step))
+            collector.advance()
+
+
+class ReplayDataModule(pl.LightningDataModule):
+    """Owns the stream; its state (collector counters, env reset state, RNGs) goes into every checkpoint."""
+
+    def __init__(self, stream: ReplayStream, seed_steps: int):
+        super().__init__()
+        self.stream, self.seed_steps = stream, seed_steps
+        self.replay_restored = False
+
+    @property
+    def collector(self) -> Collector:
+        return self.stream.collector
+
+    @property
+    def replay(self) -> Replay:
+        return self.stream.collector.replay
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the stream yields whole batches; workers=0: the collector must share the learner's policy
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
+
+    def state_dict(self) -> dict:
+        if not self.collector.at_fresh_episode:
+            return {"resumable": False}  # e.g. the final weights-only checkpoint, saved mid-episode
+        state = {"resumable": True, "collector": self.collector.state_dict(), "first_update_step": self.stream.first_update_step,
+                 "torch_rng": torch.get_rng_state(), "replay_rng": self.replay.rng.bit_generator.state}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("resumable", False):
+            raise ValueError("this checkpoint holds weights for acting and evaluation only and cannot resume "
+                             "training; resume from one of the periodic checkpoints instead")
+        self.collector.load_state_dict(state["collector"], replay_restored=self.replay_restored)
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.replay_restored:
+            self.stream.first_update_step = state["first_update_step"]
+            self.replay.rng.bit_generator.state = state["replay_rng"]
+        else:
+            # An empty replay is refilled before learning resumes, with as many steps as a fresh run's seed phase.
+            self.stream.first_update_step = self.collector.stats.step + self.seed_steps

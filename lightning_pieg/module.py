@@ -1,0 +1,141 @@
+"""The learner: DrQ-v2's DDPG (clipped double Q, n-step targets, random shifts) over PIE-G's or DrQ-v2's encoder."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_pieg.augment import RandomShift
+from lightning_pieg.encoders import ConvEncoder, FrozenResNetEncoder
+from lightning_pieg.networks import Actor, Critic, stddev_at
+
+AGENTS = ("pieg", "drqv2")
+
+
+class PIEGModule(pl.LightningModule):
+    """Actor, critic and target critic over an image encoder, optimised manually once per yielded batch.
+
+    Optimisers: Adam over the critic and the encoder's trainable part (PIE-G: the head only; the ResNet trunk is
+    frozen and in no optimiser), and Adam over the actor, which sees detached features.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, agent: str = "pieg", lr: float = 1e-4,
+                 feature_dim: int = 256, hidden_dim: int = 1024, critic_target_tau: float = 0.01,
+                 num_expl_steps: int = 2000, stddev_schedule: str | float = "linear(1.0,0.1,100000)",
+                 stddev_clip: float = 0.3, encoder: dict | None = None, overlay_alpha: float = 0.5,
+                 encoder_state_dict: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder_state_dict"])
+        if agent not in AGENTS:
+            raise ValueError(f"agent={agent!r} is unknown; choose one of {', '.join(AGENTS)}.")
+        encoder = dict(encoder or {})
+        obs_shape = tuple(obs_shape)
+        if agent == "pieg":
+            self.encoder = FrozenResNetEncoder(
+                obs_shape, arch=encoder.get("arch", "resnet18"), layer=encoder.get("layer", 2),
+                bn=encoder.get("bn", "adaptive"), state_dict=encoder_state_dict,
+                head_dim=encoder.get("head_dim", 1024))
+        else:
+            self.encoder = ConvEncoder(obs_shape)
+        self.actor = Actor(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
+        self.critic = Critic(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
+        self.critic_target = Critic(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.shift = RandomShift(encoder.get("shift_pad", 4))
+        self.overlay_images = None  # set by train.py when augment.overlay names a folder (not saved)
+        self.automatic_optimization = False
+        self.last_metrics: dict[str, float] = {}
+
+    # --- acting ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, observation: np.ndarray, step: int, explore: bool) -> np.ndarray:
+        """Action for one uint8 observation: the mean, or (``explore``) a scheduled noisy sample, or uniform noise
+        for the first ``num_expl_steps`` agent steps. Uses the encoder's running BatchNorm statistics."""
+        was_training = self.training
+        self.eval()
+        try:
+            obs = torch.as_tensor(observation, device=self.device).unsqueeze(0).float()
+            dist = self.actor(self.encoder(obs), stddev_at(self.hparams.stddev_schedule, step))
+            if not explore:
+                action = dist.mean
+            else:
+                action = dist.sample(clip=None)
+                if step < self.hparams.num_expl_steps:
+                    action.uniform_(-1.0, 1.0)
+        finally:
+            self.train(was_training)
+        return action[0].cpu().numpy()
+
+    @torch.no_grad()
+    def act_batch(self, observations: torch.Tensor, per_observation_bn: bool = False) -> torch.Tensor:
+        """Mean actions for a batch of observations (evaluation); optionally with per-observation BatchNorm."""
+        was_training = self.training
+        self.eval()
+        try:
+            if per_observation_bn:
+                with self.encoder.per_observation_statistics():
+                    features = self.encoder(observations.float())
+            else:
+                features = self.encoder(observations.float())
+            return self.actor(features, 1.0).mean
+        finally:
+            self.train(was_training)
+
+    # --- learning -------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        encoder_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        critic_opt = torch.optim.Adam(list(self.critic.parameters()) + encoder_params, lr=self.hparams.lr)
+        actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
+        return [critic_opt, actor_opt]
+
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        batch, _, _ = next(dataloader_iter)
+        obs, action, reward, discount, next_obs, step = (x.to(self.device) for x in batch)
+        step = int(step)
+        critic_opt, actor_opt = self.optimizers()
+        std = stddev_at(self.hparams.stddev_schedule, step)
+
+        # one shift per observation, shared by its frames (the stack is shifted as one image)
+        obs, next_obs = self.shift(obs.float()), self.shift(next_obs.float())
+        features = self.encoder(obs)
+        with torch.no_grad():
+            next_features = self.encoder(next_obs)
+            next_action = self.actor(next_features, std).sample(clip=self.hparams.stddev_clip)
+            target_q1, target_q2 = self.critic_target(next_features, next_action)
+            target_q = reward + discount * torch.min(target_q1, target_q2)
+
+        q1, q2 = self.critic(features, action)
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        if self.overlay_images is not None:
+            from lightning_pieg.overlay import overlay
+
+            images = self.overlay_images.sample(obs.shape[0]).to(self.device)
+            aug_q1, aug_q2 = self.critic(self.encoder(overlay(obs, images, self.hparams.overlay_alpha)), action)
+            critic_loss = 0.5 * (critic_loss + F.mse_loss(aug_q1, target_q) + F.mse_loss(aug_q2, target_q))
+        critic_opt.zero_grad(set_to_none=True)
+        self.manual_backward(critic_loss)
+        critic_opt.step()
+
+        dist = self.actor(features.detach(), std)
+        policy_action = dist.sample(clip=self.hparams.stddev_clip)
+        actor_q1, actor_q2 = self.critic(features.detach(), policy_action)
+        actor_loss = -torch.min(actor_q1, actor_q2).mean()
+        actor_opt.zero_grad(set_to_none=True)
+        self.manual_backward(actor_loss)
+        actor_opt.step()
+
+        with torch.no_grad():
+            tau = self.hparams.critic_target_tau
+            for target, online in zip(self.critic_target.parameters(), self.critic.parameters()):
+                target.lerp_(online, tau)
+
+        self.last_metrics = {
+            "train/critic_loss": critic_loss.item(), "train/critic_q1": q1.mean().item(),
+            "train/critic_q2": q2.mean().item(), "train/critic_target_q": target_q.mean().item(),
+            "train/actor_loss": actor_loss.item(), "train/actor_ent": dist.entropy().sum(-1).mean().item(),
+            "train/batch_reward": reward.mean().item(), "train/stddev": std,
+        }

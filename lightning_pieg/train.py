@@ -1,0 +1,233 @@
+"""Train PIE-G (or DrQ-v2) on a pixel task: ``python -m lightning_pieg.train task=walker_walk seed=2``.
+
+Everything that can be wrong with the request (task, encoder settings, weights, data folders, memory,
+checkpoint to resume) is checked before any environment is built or any weights are loaded into a network.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_pieg  # noqa: F401  (torch/torchvision before dm_control: see lightning_pieg/__init__.py)
+from lightning_pieg import envs
+from lightning_pieg.callbacks import Evaluate, FrameCheckpoint, TrainingProgress
+from lightning_pieg.collector import Collector
+from lightning_pieg.data import ReplayDataModule, ReplayStream
+from lightning_pieg.encoders import EncoderConfigError, check_config, load_weights
+from lightning_pieg.module import AGENTS, PIEGModule
+from lightning_pieg.networks import parse_schedule
+from lightning_pieg.policy import check_checkpoint
+from lightning_pieg.replay import Replay
+from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_logger
+
+# Lightning flags the dataloader_iter step as experimental; we rely on exactly its no-prefetch behaviour.
+warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+FRAME_SHAPE = (3, 84, 84)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and the fix."""
+
+
+def say(message: str) -> None:
+    print(f"[lightning_pieg] {message}", flush=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of every value, before anything is built."""
+    if cfg.agent not in AGENTS:
+        raise ConfigError(f"agent={cfg.agent!r} is unknown; choose one of {', '.join(AGENTS)}.")
+    try:
+        envs.check(cfg.task)
+    except ValueError as error:
+        raise ConfigError(f"task={cfg.task!r}: {error}") from None
+    try:
+        check_config(cfg.encoder.arch, cfg.encoder.layer, cfg.encoder.bn)
+        parse_schedule(cfg.stddev_schedule)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    positive = ("num_train_frames", "action_repeat", "frame_stack", "batch_size", "nstep", "update_every_steps",
+                "replay_buffer_size", "hidden_dim", "feature_dim")
+    for key in positive:
+        if not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer.")
+    for key in ("num_seed_frames", "eval_every_frames", "num_eval_episodes", "checkpoint_every_frames",
+                "num_expl_steps"):
+        if not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]!r} must be a non-negative integer.")
+    if not 0.0 < cfg.discount <= 1.0:
+        raise ConfigError(f"discount={cfg.discount!r} must be in (0, 1].")
+    if cfg.frame_stack < 2 and cfg.agent == "pieg":
+        raise ConfigError("PIE-G fuses frame differences: frame_stack must be at least 2.")
+
+
+def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> tuple[Path | None, dict]:
+    """``resume=last`` is the newest resumable checkpoint of this task/agent/seed; a path is taken as given."""
+    if cfg.resume in (None, "", "none"):
+        return None, {}
+    if cfg.resume == "last":
+        candidates = []
+        for meta_path in sorted(checkpoint_dir.glob("frame_*.json")):
+            meta = json.loads(meta_path.read_text())
+            if not meta.get("final") and meta_path.with_suffix(".ckpt").is_file():
+                candidates.append(meta_path.with_suffix(".ckpt"))
+        if not candidates:
+            raise ConfigError(f"resume=last: no resumable checkpoint in {checkpoint_dir}; pass resume=<path>.")
+        path = candidates[-1]
+    else:
+        path = Path(cfg.resume)
+    try:
+        check_checkpoint(path)
+    except ValueError as error:
+        raise ConfigError(f"resume={cfg.resume!r}: {error}") from None
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("final"):
+        raise ConfigError(f"resume={cfg.resume!r}: {path.name} is a final, weights-only checkpoint; "
+                          f"resume from a periodic one (resume=last picks the newest).")
+    return path, meta
+
+
+def build_overlay(cfg: DictConfig, seed: int):
+    if str(cfg.augment.overlay).lower() == "none":
+        say("augment.overlay=none: training WITHOUT the paper's strong overlay augmentation (no image folder "
+            "configured). Set augment.overlay=/path/to/places365 (any image folder) to train full PIE-G.")
+        return None
+    from lightning_pieg.overlay import ImageOverlay
+
+    return ImageOverlay(cfg.augment.overlay, image_size=FRAME_SHAPE[-1], seed=seed)
+
+
+def split_overrides(argv: list[str]) -> list[str]:
+    """``mlflow run`` passes the free-form ``overrides`` parameter as one quoted argument: split it; drop empties."""
+    out: list[str] = []
+    for arg in argv:
+        out.extend(shlex.split(arg) if (" " in arg.strip() or not arg.strip()) else [arg])
+    return out
+
+
+def train(cfg: DictConfig) -> str | None:
+    """Run one training job; returns the MLflow run id."""
+    if cfg.frames not in (None, "preset"):
+        cfg.num_train_frames = int(cfg.frames)
+    validate(cfg)
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    resume_path, resume_meta = resolve_resume(cfg, checkpoint_dir)
+    encoder_weights = None
+    if cfg.agent == "pieg":
+        encoder_weights = load_weights(cfg.encoder.arch, cfg.encoder.weights)
+        if encoder_weights is None:
+            say("encoder.weights=none: the frozen ResNet is RANDOMLY initialised (an ablation, not PIE-G).")
+    overlay = build_overlay(cfg, cfg.seed)
+
+    action_repeat = cfg.action_repeat
+    total_steps = cfg.num_train_frames // action_repeat
+    seed_steps = cfg.num_seed_frames // action_repeat
+    capacity = min(cfg.replay_buffer_size, total_steps + total_steps // 50 + cfg.nstep + cfg.frame_stack + 2)
+    Replay.check_fits(capacity, FRAME_SHAPE, action_dim=64)  # the action size is not known yet: bound it
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    env_options = OmegaConf.to_container(cfg.env, resolve=True)
+    env = envs.make(cfg.task, "train", seed=cfg.seed, **env_options)
+    eval_env = envs.make(cfg.task, "train", seed=cfg.seed + 42, **env_options)
+    obs_shape, action_dim = env.observation_spec().shape, env.action_spec().shape[0]
+
+    module = PIEGModule(
+        obs_shape=obs_shape, action_dim=action_dim, agent=cfg.agent, lr=cfg.lr, feature_dim=cfg.feature_dim,
+        hidden_dim=cfg.hidden_dim, critic_target_tau=cfg.critic_target_tau, num_expl_steps=cfg.num_expl_steps,
+        stddev_schedule=cfg.stddev_schedule, stddev_clip=cfg.stddev_clip,
+        encoder=OmegaConf.to_container(cfg.encoder, resolve=True), overlay_alpha=cfg.augment.overlay_alpha,
+        encoder_state_dict=encoder_weights)
+    module.overlay_images = overlay
+
+    replay = Replay(capacity, FRAME_SHAPE, action_dim, cfg.frame_stack, cfg.nstep, cfg.discount, seed=cfg.seed)
+    collector = Collector(env, replay, module.act, action_repeat)
+    stream = ReplayStream(collector, cfg.batch_size, cfg.update_every_steps, max(seed_steps, cfg.nstep), total_steps)
+    datamodule = ReplayDataModule(stream, seed_steps=max(seed_steps, cfg.nstep))
+    if resume_path is not None:
+        replay_path = resume_path.with_suffix(".replay.npz")
+        if cfg.save_replay and replay_path.is_file():
+            replay.load(replay_path)
+            datamodule.replay_restored = True
+            say(f"resuming from {resume_path} at frame {resume_meta.get('frame', '?'):,} with its replay")
+        else:
+            say(f"resuming from {resume_path} at frame {resume_meta.get('frame', '?'):,} WITHOUT its replay "
+                f"(save_replay was off): refilling the replay with {seed_steps * action_repeat:,} frames from "
+                f"the restored policy before updating again")
+
+    logger = make_logger(cfg, resume_meta.get("mlflow_run_id"))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if resume_path is None:
+        log_config(logger, cfg)
+    log_tags(logger)
+    output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log_artifact(logger, output_dir / "config.yaml")
+
+    callbacks = [
+        TrainingProgress(cfg.num_train_frames, cfg.trainer.log_every_n_updates, print_fn=say),
+        Evaluate(eval_env, cfg.num_eval_episodes, cfg.eval_every_frames,
+                 output_dir / "videos" if cfg.save_video else None, print_fn=say),
+        FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
+                        config, print_fn=say),
+    ]
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
+        max_epochs=1, max_steps=2 * stream.num_updates() + 2,  # 2 optimiser steps per update, one update of slack:
+        # the stream itself ends the epoch at the frame budget, after its last collection steps
+        logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
+    say(f"task={cfg.task} agent={cfg.agent} frames={cfg.num_train_frames:,} batch={cfg.batch_size} "
+        f"updates={stream.num_updates():,}; first update after {stream.first_update_step * action_repeat:,} "
+        f"seed frames; MLflow run {logger.run_id} ({logger._tracking_uri})")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
+    say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. "
+        f"Compare runs with: mlflow ui --backend-store-uri {logger._tracking_uri}")
+    for item in (env, eval_env):
+        item.close()
+    return logger.run_id
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (ConfigError, EncoderConfigError, MemoryError) as error:
+        say(f"error: {error}")
+        sys.exit(2)
+
+
+def check_task_argument(argv: list[str]) -> None:
+    """Hydra's own message for an unknown task lists config files; name the valid tasks instead, at once."""
+    tasks = [arg.split("=", 1)[1] for arg in argv if arg.startswith("task=")]
+    if not tasks:
+        return
+    presets = sorted(p.stem for p in (Path(CONF_DIR) / "task").glob("*.yaml"))
+    if tasks[-1] not in presets:
+        known = envs.task_names()
+        say(f"error: unknown task {tasks[-1]!r}. Valid tasks: {', '.join(t for t in known if t in presets)}."
+            if tasks[-1] not in known else
+            f"error: task {tasks[-1]!r} has no preset; add conf/task/{tasks[-1]}.yaml (see the other presets).")
+        sys.exit(2)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
+    check_task_argument(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lightning_pieg",
+    version="0.1.0",
+    description="PIE-G (pre-trained image encoder for generalizable visual RL) on PyTorch Lightning",
+    packages=find_packages(include=["lightning_pieg", "lightning_pieg.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch/torchvision: pinned to the pair that matches this project's tested stack
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "pytorch-lightning>=2.4,<3",
+        "torchmetrics>=1.4",
+        "hydra-core>=1.3,<1.4",
+        "mlflow>=3.0",
+        "dm_control==1.0.50",
+        "mujoco==3.17.0",  # dm_control 1.0.50 breaks on mujoco 4.0 (flex_vertedge)
+        "metaworld>=3.0,<4",
+        "av>=12",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": [
+        "pieg-train=lightning_pieg.train:main",
+    ]},
+)
