@@ -23,6 +23,11 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], frame: int) -> N
             logger.log_metrics(metrics, step=frame)
 
 
+def updated(outputs) -> bool:
+    """False for the batch-end call Lightning makes after the stream ran out (no update happened)."""
+    return bool(outputs)
+
+
 def _stream(trainer: pl.Trainer) -> ReplayDataModule:
     return trainer.datamodule
 
@@ -44,6 +49,8 @@ class TrainingProgress(pl.Callback):
         return (frame - start_frame) / max(time.perf_counter() - start, 1e-9)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not updated(outputs):
+            return
         frame = _stream(trainer).collector.frame
         self._updates += 1
         if self._updates % self.log_every_updates == 0:
@@ -98,6 +105,8 @@ class Evaluate(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not updated(outputs):
+            return
         frame = _stream(trainer).collector.frame
         last = self._last_frame if self._last_frame is not None else -1
         if self.every_frames > 0 and frame // self.every_frames > max(last, 0) // self.every_frames:
@@ -133,6 +142,8 @@ class FrameCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         collector = _stream(trainer).collector
+        if not updated(outputs):
+            return
         if self._next_frame is not None and collector.frame >= self._next_frame and collector.at_fresh_episode:
             self.save(trainer)
             self._next_frame = (collector.frame // self.every_frames + 1) * self.every_frames

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -11,6 +12,29 @@ from lightning_pieg.collector import Collector
 from lightning_pieg.replay import Replay
 
 Batch = tuple[torch.Tensor, ...]  # obs, action, reward, discount, next_obs, agent step
+
+
+def to_checkpoint(value):
+    """numpy arrays -> tensors, recursively: Lightning loads checkpoints with ``weights_only=True``."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(value.copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: to_checkpoint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_checkpoint(v) for v in value)
+    return value
+
+
+def from_checkpoint(value):
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__"}:
+            return value["__ndarray__"].numpy()
+        return {k: from_checkpoint(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_checkpoint(v) for v in value)
+    return value
 
 
 class ReplayStream(IterableDataset):
@@ -62,8 +86,10 @@ class ReplayDataModule(pl.LightningDataModule):
         return self.stream.collector.replay
 
     def train_dataloader(self) -> DataLoader:
-        # batch_size=None: the stream yields whole batches; workers=0: the collector must share the learner's policy
-        return DataLoader(self.stream, batch_size=None, num_workers=0)
+        # batch_size=None: the stream yields whole batches; workers=0: the collector must share the learner's policy.
+        # A private generator: creating the iterator draws a seed, which must not shift the global RNG that a
+        # resumed run has just restored.
+        return DataLoader(self.stream, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def state_dict(self) -> dict:
         if not self.collector.at_fresh_episode:
@@ -72,12 +98,13 @@ class ReplayDataModule(pl.LightningDataModule):
                  "torch_rng": torch.get_rng_state(), "replay_rng": self.replay.rng.bit_generator.state}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
+        return to_checkpoint(state)
 
     def load_state_dict(self, state: dict) -> None:
         if not state.get("resumable", False):
             raise ValueError("this checkpoint holds weights for acting and evaluation only and cannot resume "
                              "training; resume from one of the periodic checkpoints instead")
+        state = from_checkpoint(state)
         self.collector.load_state_dict(state["collector"], replay_restored=self.replay_restored)
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """The learner: DrQ-v2's DDPG (clipped double Q, n-step targets, random shifts) over PIE-G's or DrQ-v2's encoder."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -13,6 +14,12 @@ from lightning_pieg.encoders import ConvEncoder, FrozenResNetEncoder
 from lightning_pieg.networks import Actor, Critic, stddev_at
 
 AGENTS = ("pieg", "drqv2")
+
+# Lightning flags the dataloader_iter step as experimental; the learner relies on exactly its no-prefetch behaviour.
+warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+# PIE-G's frozen trunk is in eval mode on purpose (frozen BatchNorm statistics).
+warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
 
 
 class PIEGModule(pl.LightningModule):
@@ -92,7 +99,9 @@ class PIEGModule(pl.LightningModule):
         actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr)
         return [critic_opt, actor_opt]
 
-    def training_step(self, dataloader_iter: Iterator) -> None:
+    def training_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
+        """One update. Returns the critic loss; when the stream is spent Lightning swallows the StopIteration
+        and calls the batch-end hooks with empty outputs, which callbacks therefore skip."""
         batch, _, _ = next(dataloader_iter)
         obs, action, reward, discount, next_obs, step = (x.to(self.device) for x in batch)
         step = int(step)
@@ -139,3 +148,4 @@ class PIEGModule(pl.LightningModule):
             "train/actor_loss": actor_loss.item(), "train/actor_ent": dist.entropy().sum(-1).mean().item(),
             "train/batch_reward": reward.mean().item(), "train/stddev": std,
         }
+        return {"critic_loss": critic_loss.detach()}

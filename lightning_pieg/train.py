@@ -9,7 +9,6 @@ import json
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -27,10 +26,6 @@ from lightning_pieg.networks import parse_schedule
 from lightning_pieg.policy import check_checkpoint
 from lightning_pieg.replay import Replay
 from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_logger
-
-# Lightning flags the dataloader_iter step as experimental; we rely on exactly its no-prefetch behaviour.
-warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
-warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FRAME_SHAPE = (3, 84, 84)
@@ -117,7 +112,14 @@ def split_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-def train(cfg: DictConfig) -> str | None:
+def _output_dir() -> Path:
+    try:
+        return Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: Path | None = None) -> str | None:
     """Run one training job; returns the MLflow run id."""
     if cfg.frames not in (None, "preset"):
         cfg.num_train_frames = int(cfg.frames)
@@ -171,7 +173,8 @@ def train(cfg: DictConfig) -> str | None:
     if resume_path is None:
         log_config(logger, cfg)
     log_tags(logger)
-    output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    output_dir = Path(output_dir) if output_dir is not None else _output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_artifact(logger, output_dir / "config.yaml")
 
@@ -181,6 +184,7 @@ def train(cfg: DictConfig) -> str | None:
                  output_dir / "videos" if cfg.save_video else None, print_fn=say),
         FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
                         config, print_fn=say),
+        *extra_callbacks,
     ]
     trainer = pl.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dm_env
 
+from lightning_pieg.envs import distracting, dmcgb
 from lightning_pieg.envs.rendering import check_render
 from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, Mode, PixelObservation
 
@@ -33,7 +34,7 @@ TASKS: dict[str, tuple[str, str]] = {
 # Quadruped is small in camera 0; DrQ-v2 and PIE-G use its zoomed camera.
 CAMERAS = {"quadruped": 2}
 
-MODES: dict[str, Mode] = {"train": Mode()}
+MODES: dict[str, Mode] = {"train": Mode(), **dmcgb.MODES, **distracting.MODES}
 
 
 def make(
@@ -50,7 +51,10 @@ def make(
 
     domain, name = TASKS[task]
     scene_mode = MODES[mode]
-    env = suite.load(domain, name, task_kwargs={"random": seed}, environment_kwargs={"flat_observation": True})
+    task_kwargs = {"random": seed}
+    if options.get("time_limit") is not None:  # seconds of simulated time; shorter episodes for tests and smoke runs
+        task_kwargs["time_limit"] = float(options["time_limit"])
+    env = suite.load(domain, name, task_kwargs=task_kwargs, environment_kwargs={"flat_observation": True})
     check_render(env.physics)
     camera_id = CAMERAS.get(domain, 0)
     env = ActionScale(ActionRepeat(env, action_repeat))

@@ -1,0 +1,105 @@
+"""End-to-end training on CPU: frame budget, MLflow record, reproducibility, exact resumption, early errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import pytorch_lightning as pl
+
+from lightning_pieg.train import ConfigError, train
+
+
+class LossRecorder(pl.Callback):
+    """(frame, critic loss, actor loss) after every update."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not outputs:  # Lightning's call after the stream ran out
+            return
+        metrics = pl_module.last_metrics
+        frame = trainer.datamodule.collector.frame
+        self.losses.append((frame, metrics["train/critic_loss"], metrics["train/actor_loss"]))
+
+
+def run(cfg, tmp_path, name="run"):
+    recorder = LossRecorder()
+    run_id = train(cfg, extra_callbacks=[recorder], output_dir=tmp_path / name)
+    return run_id, recorder
+
+
+def test_tiny_run_stops_at_its_frame_budget_and_leaves_one_finished_mlflow_run(compose, tmp_path):
+    cfg = compose("num_train_frames=240", "num_eval_episodes=1", "save_video=true", "checkpoint_every_frames=0")
+    run_id, recorder = run(cfg, tmp_path)
+    # 120 agent steps; updates at even steps from step 20: 20, 22, ..., 118 -> 50 updates, 2 optimiser steps each
+    assert len(recorder.losses) == 50
+    assert recorder.losses[0][0] == 40 and recorder.losses[-1][0] == 236
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    record = runs[0]
+    assert record.info.status == "FINISHED"
+    assert record.data.params["task"] == "cartpole_balance" and record.data.params["augment.overlay"] == "none"
+    assert record.data.params["num_train_frames"] == "240"
+    assert {"train/critic_loss", "train/actor_loss", "train/episode_reward", "train/fps",
+            "eval/train/episode_reward"} <= set(record.data.metrics)
+    steps = [m.step for m in client.get_metric_history(run_id, "eval/train/episode_reward")]
+    assert steps == [0, 240]  # evaluations at the start and the end, stepped by frames
+    episode_steps = [m.step for m in client.get_metric_history(run_id, "train/episode_reward")]
+    assert episode_steps == [100, 200]
+    videos = [a.path for a in client.list_artifacts(run_id, "videos")]
+    assert videos == ["videos/eval_train_000000000.mp4", "videos/eval_train_000000240.mp4"]
+    assert record.data.tags["mujoco"] == "3.17.0" and record.data.tags["renderer"] == "egl"
+
+
+def test_seeded_runs_are_reproducible(compose, tmp_path):
+    first = run(compose("num_train_frames=120"), tmp_path, "a")[1].losses
+    second = run(compose("num_train_frames=120"), tmp_path, "b")[1].losses
+    other_seed = run(compose("num_train_frames=120", "seed=2"), tmp_path, "c")[1].losses
+    assert len(first) == 20 and first == second
+    assert first != other_seed
+
+
+@pytest.mark.parametrize("agent", ["pieg", "drqv2"])
+def test_resumed_run_continues_with_the_same_losses(compose, tmp_path, agent):
+    common = ("num_train_frames=300", "checkpoint_every_frames=100", "save_replay=true", "keep_checkpoints=5",
+              f"agent={agent}")
+    run_id, full = run(compose(*common), tmp_path, "full")
+    checkpoint = tmp_path / "checkpoints" / "frame_000000100.ckpt"
+    assert checkpoint.is_file() and checkpoint.with_suffix(".replay.npz").is_file()
+    # the interrupted run's later checkpoints never existed: resume from the one at frame 100
+    resumed_id, resumed = run(compose(*common, f"resume={checkpoint}"), tmp_path, "resumed")
+    after = [loss for loss in full.losses if loss[0] > 100]
+    assert len(resumed.losses) == len(after) >= 10
+    assert resumed.losses[:10] == after[:10]
+    assert resumed_id == run_id  # the resumed run logs into the same MLflow run
+
+
+def test_resume_without_replay_refills_before_updating(compose, tmp_path):
+    run_id, full = run(compose("num_train_frames=300", "checkpoint_every_frames=100"), tmp_path, "full")
+    _, resumed = run(compose("num_train_frames=300", "checkpoint_every_frames=100", "resume=last"), tmp_path, "r")
+    # resume=last picks frame 200 (the final checkpoint is weights-only); 40 seed frames are collected again
+    assert resumed.losses[0][0] == 240
+
+
+def test_bad_requests_fail_before_any_work(compose, tmp_path):
+    with pytest.raises(ConfigError, match="encoder.layer=7"):
+        train(compose("encoder.layer=7"))
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        train(compose("batch_size=0"))
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        train(compose(f"resume={broken}"))
+    with pytest.raises(ConfigError, match="no resumable checkpoint"):
+        train(compose("resume=last"))
+
+
+def test_cli_rejects_an_unknown_task_in_seconds():
+    result = subprocess.run([sys.executable, "-m", "lightning_pieg.train", "task=not_a_task"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown task 'not_a_task'" in result.stdout and "walker_walk" in result.stdout
