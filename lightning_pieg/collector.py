@@ -22,7 +22,7 @@ class EpisodeStats:
     episode: int = 0           # completed episodes
     episode_step: int = 0      # agent steps into the current episode
     episode_reward: float = 0.0
-    finished: list[tuple[int, float, int]] = field(default_factory=list)  # (frame, reward, length) since last read
+    finished: list[tuple[int, int, float, int]] = field(default_factory=list)  # (episode, frame, reward, length)
 
 
 class Collector:
@@ -68,10 +68,11 @@ class Collector:
         self.stats.episode_reward += self.time_step.reward
         if self.time_step.last():
             self.stats.episode += 1
-            self.stats.finished.append((self.frame, self.stats.episode_reward, self.stats.episode_step))
+            self.stats.finished.append((self.stats.episode, self.frame, self.stats.episode_reward,
+                                        self.stats.episode_step))
 
-    def pop_finished(self) -> list[tuple[int, float, int]]:
-        """Episodes finished since the last call: ``(frame, reward, length)``."""
+    def pop_finished(self) -> list[tuple[int, int, float, int]]:
+        """Episodes finished since the last call: ``(episode number, frame, reward, length in agent steps)``."""
         finished, self.stats.finished = self.stats.finished, []
         return finished
 

@@ -15,7 +15,7 @@ from lightning_pieg.envs.wrappers import Wrapper
 select_backend()
 
 # Task family modules, each with ``TASKS`` (names) and ``MODES`` (evaluation modes) and a ``make`` function.
-FAMILIES = ("lightning_pieg.envs.suite",)
+FAMILIES = ("lightning_pieg.envs.suite", "lightning_pieg.envs.manipulation", "lightning_pieg.envs.drawerworld")
 
 
 def _families():
