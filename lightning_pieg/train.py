@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import lightning_pieg  # noqa: F401  (torch/torchvision before dm_control: see lightning_pieg/__init__.py)
 from lightning_pieg import envs
-from lightning_pieg.callbacks import Evaluate, FrameCheckpoint, TrainingProgress
+from lightning_pieg.callbacks import EvalEnv, Evaluate, FrameCheckpoint, TrainingProgress
 from lightning_pieg.collector import Collector
 from lightning_pieg.data import ReplayDataModule, ReplayStream
 from lightning_pieg.encoders import EncoderConfigError, check_config, load_weights
+from lightning_pieg.envs.distracting import reported_name
 from lightning_pieg.module import AGENTS, PIEGModule
 from lightning_pieg.networks import parse_schedule
 from lightning_pieg.policy import check_checkpoint
@@ -29,10 +30,18 @@ from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_log
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FRAME_SHAPE = (3, 84, 84)
+EVAL_BN = ("per_observation", "running")
+EVAL_DATA_OPTIONS = ("dmcgb_dir", "davis_dir", "distracting_intensity", "distracting_background")
+EVAL_SEED_OFFSET = 42  # evaluation environments are seeded with seed + 42, as the authors'
+EVAL_RANK_SEED_STRIDE = 10_000  # under DDP, process r evaluates with seed + 42 + r * stride
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key, the value and the fix."""
+
+
+# Errors that are the request's fault: printed as one clear line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, EncoderConfigError, MemoryError, envs.RenderingError, FileNotFoundError)
 
 
 def say(message: str) -> None:
@@ -65,6 +74,48 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"discount={cfg.discount!r} must be in (0, 1].")
     if cfg.frame_stack < 2 and cfg.agent == "pieg":
         raise ConfigError("PIE-G fuses frame differences: frame_stack must be at least 2.")
+    modes, known = eval_modes(cfg), envs.mode_names(cfg.task)
+    unknown = [mode for mode in modes if mode not in known]
+    if unknown or not modes:
+        raise ConfigError(f"eval.modes={modes}: {'unknown mode ' + repr(unknown[0]) if unknown else 'empty'} for "
+                          f"task {cfg.task}; choose from {', '.join(known)} (e.g. eval.modes=[train,{known[-1]}]).")
+    if cfg.eval.bn not in EVAL_BN:
+        raise ConfigError(f"eval.bn={cfg.eval.bn!r} is unknown; choose {' or '.join(EVAL_BN)}.")
+
+
+def eval_modes(cfg: DictConfig) -> list[str]:
+    modes = cfg.eval.modes
+    return [modes] if isinstance(modes, str) else [str(mode) for mode in modes]
+
+
+def eval_env_options(cfg: DictConfig) -> dict:
+    """Options of the evaluation environments: the training environment's plus the ``eval`` section's data options."""
+    options = OmegaConf.to_container(cfg.env, resolve=True)
+    options.update({key: cfg.eval[key] for key in EVAL_DATA_OPTIONS if cfg.eval.get(key) is not None})
+    return options
+
+
+def make_eval_env(cfg: DictConfig, mode: str, rank: int = 0):
+    """``mode``'s evaluation environment for process ``rank``; a mode's missing data is a ConfigError."""
+    try:
+        return envs.make(cfg.task, mode, seed=cfg.seed + EVAL_SEED_OFFSET + rank * EVAL_RANK_SEED_STRIDE,
+                         **eval_env_options(cfg))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"eval.modes: {mode}: {error}") from None
+
+
+def build_eval_envs(cfg: DictConfig) -> list[EvalEnv]:
+    """One environment per evaluation mode; ``train`` acts with running BatchNorm statistics (the authors' training
+    loop), the others with ``eval.bn``."""
+    if cfg.num_eval_episodes <= 0:
+        return []
+    options = eval_env_options(cfg)
+    try:
+        names = {mode: reported_name(mode, options) for mode in eval_modes(cfg)}
+    except ValueError as error:
+        raise ConfigError(f"eval: {error}") from None
+    return [EvalEnv(mode, make_eval_env(cfg, mode), mode != "train" and cfg.eval.bn == "per_observation", name)
+            for mode, name in names.items()]
 
 
 def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> tuple[Path | None, dict]:
@@ -126,6 +177,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
     validate(cfg)
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_path, resume_meta = resolve_resume(cfg, checkpoint_dir)
+    eval_targets = build_eval_envs(cfg)  # here: a generalization mode's missing data stops the run at once
     encoder_weights = None
     if cfg.agent == "pieg":
         encoder_weights = load_weights(cfg.encoder.arch, cfg.encoder.weights)
@@ -142,7 +194,6 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     env_options = OmegaConf.to_container(cfg.env, resolve=True)
     env = envs.make(cfg.task, "train", seed=cfg.seed, **env_options)
-    eval_env = envs.make(cfg.task, "train", seed=cfg.seed + 42, **env_options)
     obs_shape, action_dim = env.observation_spec().shape, env.action_spec().shape[0]
 
     module = PIEGModule(
@@ -180,8 +231,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
 
     callbacks = [
         TrainingProgress(cfg.num_train_frames, cfg.trainer.log_every_n_updates, print_fn=say),
-        Evaluate(eval_env, cfg.num_eval_episodes, cfg.eval_every_frames,
-                 output_dir / "videos" if cfg.save_video else None, print_fn=say),
+        Evaluate(eval_targets, cfg.num_eval_episodes, cfg.eval_every_frames,
+                 output_dir / "videos" if cfg.save_video else None, print_fn=say,
+                 make_env=lambda mode, rank: make_eval_env(cfg, mode, rank)),
         FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
                         config, print_fn=say),
         *extra_callbacks,
@@ -199,7 +251,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
     say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. "
         f"Compare runs with: mlflow ui --backend-store-uri {logger._tracking_uri}")
-    for item in (env, eval_env):
+    for item in (env, *(target.env for target in eval_targets)):
         item.close()
     return logger.run_id
 
@@ -208,7 +260,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (ConfigError, EncoderConfigError, MemoryError) as error:
+    except USER_ERRORS as error:
         say(f"error: {error}")
         sys.exit(2)
 
@@ -229,7 +281,11 @@ def check_task_argument(argv: list[str]) -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
-    check_task_argument(sys.argv[1:])
+    try:
+        check_task_argument(sys.argv[1:])
+    except USER_ERRORS as error:
+        say(f"error: {error}")
+        sys.exit(2)
     _hydra_main()
 
 

@@ -112,3 +112,15 @@ def test_importing_torchvision_after_rendering_does_not_crash():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_a_missing_gl_backend_is_a_clear_error():
+    """OSMesa is not installed on these machines: asking for it must name what to install, not crash obscurely."""
+    code = ("import lightning_pieg.envs as envs\n"
+            "try:\n    envs.make('cartpole_balance', time_limit=0.1)\n"
+            "except envs.rendering.RenderingError as error:\n    print('RenderingError:', error)\n")
+    env = {**__import__("os").environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    if "RenderingError" not in result.stdout:
+        pytest.skip(f"OSMesa is available here, nothing to check ({result.stdout[-200:]} {result.stderr[-300:]})")
+    assert "apt-get install libosmesa6" in result.stdout and "MUJOCO_GL=egl" in result.stdout

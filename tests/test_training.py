@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 
-from lightning_pieg.train import ConfigError, train
+import lightning_pieg
+from lightning_pieg.policy import CheckpointError
+from lightning_pieg.train import ConfigError, split_overrides, train
 
 
 class LossRecorder(pl.Callback):
@@ -53,6 +56,13 @@ def test_tiny_run_stops_at_its_frame_budget_and_leaves_one_finished_mlflow_run(c
     videos = [a.path for a in client.list_artifacts(run_id, "videos")]
     assert videos == ["videos/eval_train_000000000.mp4", "videos/eval_train_000000240.mp4"]
     assert record.data.tags["mujoco"] == "3.17.0" and record.data.tags["renderer"] == "egl"
+    # the final checkpoint acts: load_policy gives the module's mean action, within the action bounds
+    final = tmp_path / "checkpoints" / "frame_000000240.ckpt"
+    act = lightning_pieg.load_policy(final)
+    observation = np.random.default_rng(0).integers(0, 256, (9, 84, 84), dtype=np.uint8)
+    action = act(observation)
+    assert action.shape == (1,) and -1 <= action[0] <= 1
+    assert np.allclose(action, act.module.act(observation, step=0, explore=False))
 
 
 def test_seeded_runs_are_reproducible(compose, tmp_path):
@@ -103,3 +113,17 @@ def test_cli_rejects_an_unknown_task_in_seconds():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown task 'not_a_task'" in result.stdout and "walker_walk" in result.stdout
+
+
+def test_mlflow_overrides_parameter_is_split_and_may_be_empty():
+    # `mlflow run -P overrides="a=1 b='x y'"` arrives as one argument; the default arrives as an empty one
+    assert split_overrides(["task=walker_walk", "batch_size=8 encoder.weights=none", ""]) == [
+        "task=walker_walk", "batch_size=8", "encoder.weights=none"]
+    assert split_overrides(["seed=1"]) == ["seed=1"]
+
+
+def test_load_policy_rejects_a_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "frame_000000100.ckpt"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        lightning_pieg.load_policy(path)

@@ -9,7 +9,7 @@ import importlib
 
 import dm_env
 
-from lightning_pieg.envs.rendering import select_backend
+from lightning_pieg.envs.rendering import RenderingError, load_gl, select_backend  # noqa: F401
 from lightning_pieg.envs.wrappers import Wrapper
 
 select_backend()
@@ -19,6 +19,7 @@ FAMILIES = ("lightning_pieg.envs.suite", "lightning_pieg.envs.manipulation", "li
 
 
 def _families():
+    load_gl()
     return [importlib.import_module(name) for name in FAMILIES]
 
 

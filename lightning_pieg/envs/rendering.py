@@ -30,3 +30,12 @@ def check_render(physics) -> None:
         physics.render(8, 8, camera_id=0)
     except Exception as error:  # the backends raise many types (ImportError, RuntimeError, OSError, EGL errors)
         raise RenderingError(BACKEND_HELP.format(backend=os.environ.get("MUJOCO_GL"), error=error)) from error
+
+
+def load_gl() -> None:
+    """Import mujoco, which loads the ``MUJOCO_GL`` backend: a missing GL library becomes a clear error."""
+    try:
+        import mujoco  # noqa: F401
+        from dm_control import suite  # noqa: F401
+    except Exception as error:  # PyOpenGL fails in many ways (ImportError, AttributeError on a missing library)
+        raise RenderingError(BACKEND_HELP.format(backend=os.environ.get("MUJOCO_GL"), error=error)) from error
