@@ -20,6 +20,7 @@ torchvision's weights, which its running statistics expect.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,7 @@ ARCHS = {
 }
 BN_MODES = ("adaptive", "frozen")
 LAYERS = (1, 2, 3, 4)
+DOWNLOAD_TIMEOUT_S = 60
 
 
 class EncoderConfigError(ValueError):
@@ -72,6 +74,8 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor] | None:
         f"encoder.weights=/path/to/{Path(ARCHS[arch][1].url).name}, or train from random weights with "
         f"encoder.weights=none (an ablation, not PIE-G).")
     if weights == "imagenet":
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled machine must fail, not hang
         try:
             return ARCHS[arch][1].get_state_dict(progress=False, check_hash=True)
         except Exception as error:  # URLError, socket timeouts, hash mismatch: all mean "no usable weights"
@@ -79,6 +83,8 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor] | None:
                 f"encoder.weights=imagenet: torchvision's {arch} IMAGENET1K_V1 weights are not in the cache "
                 f"({torch.hub.get_dir()}/checkpoints) and could not be downloaded ({error}). {alternatives}"
             ) from error
+        finally:
+            socket.setdefaulttimeout(previous)
     path = Path(os.path.expanduser(weights))
     if not path.is_file():
         raise EncoderConfigError(f"encoder.weights={weights!r}: no such file. {alternatives}")
