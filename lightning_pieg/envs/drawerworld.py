@@ -40,7 +40,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
-from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, PixelObservation
+from lightning_pieg.envs.wrappers import pixel_env
 
 TASKS = ("drawer_close",)
 MODES = ("train", "wood", "metal", "blanket", "blanket_generated")
@@ -412,9 +412,7 @@ def make(
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r} for the Drawer World family. Valid tasks: {', '.join(TASKS)}.")
     base = DrawerWorld(mode, seed, time_limit, max(image_size, MIN_FRAMEBUFFER), blanket_path)
-    env = ActionScale(ActionRepeat(base, action_repeat))
-    env = PixelObservation(env, image_size, base.render)
-    return FrameStack(env, frame_stack)
+    return pixel_env(base, base.render, action_repeat=action_repeat, image_size=image_size, frame_stack=frame_stack)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import dm_env
 import numpy as np
 
 from lightning_pieg.envs.rendering import check_render
-from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, PixelObservation
+from lightning_pieg.envs.wrappers import pixel_env
 
 TASKS = ("reach_duplo",)
 MODES = ("train", "deformed", "deformed_thin")
@@ -268,7 +268,6 @@ def make(
         raise ValueError(f"Unknown mode {mode!r} for task {task!r}. Valid modes: {', '.join(MODES)}.")
     base = build(mode, seed, **options)
     check_render(base.physics)
-    env = ActionScale(ActionRepeat(base, action_repeat))
     # ``base.physics`` is looked up per frame: composer replaces its Physics when it compiles the model at reset.
-    env = PixelObservation(env, image_size, lambda height, width: base.physics.render(height, width, camera_id=CAMERA))
-    return FrameStack(env, frame_stack)
+    return pixel_env(base, lambda height, width: base.physics.render(height, width, camera_id=CAMERA),
+                     action_repeat=action_repeat, image_size=image_size, frame_stack=frame_stack)

@@ -5,7 +5,7 @@ import dm_env
 
 from lightning_pieg.envs import distracting, dmcgb
 from lightning_pieg.envs.rendering import check_render
-from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale, FrameStack, Mode, PixelObservation
+from lightning_pieg.envs.wrappers import Mode, pixel_env
 
 # Task name -> (domain, task). Names follow DrQ-v2's configs; cup_catch is ball_in_cup's catch.
 TASKS: dict[str, tuple[str, str]] = {
@@ -57,11 +57,7 @@ def make(
     env = suite.load(domain, name, task_kwargs=task_kwargs, environment_kwargs={"flat_observation": True})
     check_render(env.physics)
     camera_id = CAMERAS.get(domain, 0)
-    env = ActionScale(ActionRepeat(env, action_repeat))
-    if scene_mode.scene is not None:
-        env = scene_mode.scene(env, seed, options)
     physics = env.physics
-    env = PixelObservation(env, image_size, lambda height, width: physics.render(height, width, camera_id=camera_id))
-    if scene_mode.frames is not None:
-        env = scene_mode.frames(env, seed, options)
-    return FrameStack(env, frame_stack)
+    return pixel_env(env, lambda height, width: physics.render(height, width, camera_id=camera_id),
+                     action_repeat=action_repeat, image_size=image_size, frame_stack=frame_stack, mode=scene_mode,
+                     seed=seed, options=options)

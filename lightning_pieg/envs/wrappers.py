@@ -166,3 +166,17 @@ class FrameStack(Wrapper):
     def frame(self) -> np.ndarray:
         """The newest single frame (3, H, W): what a video of the episode shows."""
         return self._frames[-1]
+
+
+def pixel_env(env: dm_env.Environment, render: Callable[[int, int], np.ndarray], *, action_repeat: int,
+              image_size: int, frame_stack: int, mode: Mode = Mode(), seed: int = 0,
+              options: dict | None = None) -> FrameStack:
+    """The standard stack over a base env: action repeat and scaling, the mode's scene edits, one render per agent
+    step (``render(height, width)`` -> HxWx3 uint8), the mode's frame edits, frame stacking."""
+    env = ActionScale(ActionRepeat(env, action_repeat))
+    if mode.scene is not None:
+        env = mode.scene(env, seed, options or {})
+    env = PixelObservation(env, image_size, render)
+    if mode.frames is not None:
+        env = mode.frames(env, seed, options or {})
+    return FrameStack(env, frame_stack)
