@@ -24,5 +24,6 @@ setup(
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": [
         "pieg-train=lightning_pieg.train:main",
+        "pieg-evaluate=lightning_pieg.evaluate:main",
     ]},
 )

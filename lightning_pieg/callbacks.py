@@ -1,17 +1,21 @@
-"""Lightning callbacks: training metrics and progress, periodic evaluation with videos, frame-based checkpoints."""
+"""Lightning callbacks: training metrics and progress, periodic (generalization) evaluation with videos,
+frame-based checkpoints."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import dm_env
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from lightning_pieg.data import ReplayDataModule
-from lightning_pieg.evaluation import run_episode, summarise
+from lightning_pieg.evaluation import EpisodeMetrics, episodes_per_process, run_episode
 from lightning_pieg.tracking import log_artifact
 from lightning_pieg.video import write_video
 
@@ -63,41 +67,89 @@ class TrainingProgress(pl.Callback):
     def _log_episodes(self, trainer) -> None:
         collector = _stream(trainer).collector
         frame = collector.frame
-        for episode_frame, reward, length in collector.pop_finished():
+        for episode, episode_frame, reward, length in collector.pop_finished():
             fps = self._fps(frame)
             log_metrics(trainer, {"train/episode_reward": reward, "train/episode_length": length * collector.action_repeat,
-                                  "train/episode": collector.stats.episode, "train/fps": fps}, episode_frame)
+                                  "train/episode": episode, "train/fps": fps}, episode_frame)
             eta = (self.total_frames - frame) / max(fps, 1e-9)
-            self.print(f"frame {episode_frame:>9,}/{self.total_frames:,} | episode {collector.stats.episode:>5} | "
+            self.print(f"frame {episode_frame:>9,}/{self.total_frames:,} | episode {episode:>5} | "
                        f"episode_reward {reward:8.1f} | {fps:6.1f} frames/s | eta {eta / 60:6.1f} min")
+
+
+@dataclass
+class EvalEnv:
+    """One mode of the training-time evaluation: its environment and which BatchNorm statistics act in it."""
+
+    mode: str                       # as ``envs.make`` knows it
+    env: dm_env.Environment
+    per_observation_bn: bool = False
+    name: str | None = None         # in metric and video names (``distracting_cs_0.1``); default: ``mode``
+
+    @property
+    def reported(self) -> str:
+        return self.name or self.mode
+
+
+def _actor(pl_module, step: int, per_observation_bn: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """The mean action for one observation, with running or per-observation BatchNorm statistics."""
+    if not per_observation_bn:
+        return lambda obs: pl_module.act(obs, step, explore=False)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        batch = torch.as_tensor(obs[None], device=pl_module.device)
+        return pl_module.act_batch(batch, per_observation_bn=True)[0].cpu().numpy()
+
+    return act
 
 
 class Evaluate(pl.Callback):
     """Every ``every_frames`` (and at the start and the end of training), ``num_episodes`` episodes with the mean
-    action on the training environment; logs ``eval/<mode>/*`` and uploads the first episode as an mp4."""
+    action in each evaluation mode; logs ``eval/<mode>/*`` and uploads each mode's first episode as an mp4.
 
-    def __init__(self, env: dm_env.Environment, num_episodes: int, every_frames: int, video_dir: Path | None,
-                 mode: str = "train", print_fn: Callable[[str], None] = print):
-        self.env, self.num_episodes, self.every_frames, self.mode = env, num_episodes, every_frames, mode
+    ``env`` is one environment (evaluated as ``mode``) or a list of ``EvalEnv``: the generalization modes, each with
+    its BatchNorm statistics (``train`` uses the running ones, as the authors' training loop). Returns, lengths and
+    successes are aggregated with torchmetrics, so under DDP each process plays its share of the episodes on
+    environments that ``make_env(mode, rank)`` builds with seeds of their own, and the logged numbers cover them all.
+    """
+
+    def __init__(self, env: dm_env.Environment | list[EvalEnv], num_episodes: int, every_frames: int,
+                 video_dir: Path | None, mode: str = "train", print_fn: Callable[[str], None] = print,
+                 make_env: Callable[[str, int], dm_env.Environment] | None = None):
+        self.targets = [EvalEnv(mode, env)] if isinstance(env, dm_env.Environment) else list(env)
+        self.num_episodes, self.every_frames, self.make_env = num_episodes, every_frames, make_env
         self.video_dir, self.print = video_dir, print_fn
         self._last_frame: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank > 0 and self.make_env is not None:
+            # every process built rank 0's environments: the same seeds would replay the same episodes everywhere
+            for target in self.targets:
+                target.env.close()
+                target.env = self.make_env(target.mode, trainer.global_rank)
 
     def evaluate(self, trainer, pl_module) -> None:
         collector = _stream(trainer).collector
         frame, step = collector.frame, collector.stats.step
         if self.num_episodes <= 0 or self._last_frame == frame:
             return
-        act = lambda obs: pl_module.act(obs, step, explore=False)  # noqa: E731
-        episodes = [run_episode(self.env, act, record=(i == 0 and self.video_dir is not None))
-                    for i in range(self.num_episodes)]
-        summary = summarise(episodes)
-        log_metrics(trainer, {f"eval/{self.mode}/{k}": v for k, v in summary.items()}, frame)
-        self.print(f"eval {self.mode} at frame {frame:,}: episode_reward {summary['episode_reward']:.1f} "
-                   f"± {summary['episode_reward_std']:.1f} over {self.num_episodes} episodes")
-        if self.video_dir is not None and trainer.is_global_zero:
-            self.video_dir.mkdir(parents=True, exist_ok=True)
-            path = write_video(self.video_dir / f"eval_{self.mode}_{frame:09d}.mp4", episodes[0].frames)
-            log_artifact(trainer.logger, path, "videos")
+        episodes_here = episodes_per_process(self.num_episodes, trainer.world_size)
+        for target in self.targets:  # the same order on every process: compute() is a collective under DDP
+            act = _actor(pl_module, step, target.per_observation_bn)
+            record = self.video_dir is not None and trainer.is_global_zero
+            metrics = EpisodeMetrics(pl_module.device)
+            episodes = [run_episode(target.env, act, record=record and i == 0) for i in range(episodes_here)]
+            for episode in episodes:
+                metrics.update(episode)
+            summary = metrics.compute()
+            name = target.reported
+            log_metrics(trainer, {f"eval/{name}/{k}": v for k, v in summary.items()}, frame)
+            success = f", success_rate {summary['success_rate']:.2f}" if "success_rate" in summary else ""
+            self.print(f"eval {name} at frame {frame:,}: episode_reward {summary['episode_reward']:.1f} "
+                       f"± {summary['episode_reward_std']:.1f} over {metrics.count()} episodes{success}")
+            if record:
+                self.video_dir.mkdir(parents=True, exist_ok=True)
+                path = write_video(self.video_dir / f"eval_{name}_{frame:09d}.mp4", episodes[0].frames)
+                log_artifact(trainer.logger, path, "videos")
         self._last_frame = frame
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -150,3 +150,21 @@ def test_success_rate():
     assert drawerworld.success_rate([True, False, True, True]) == 0.75
     with pytest.raises(ValueError):
         drawerworld.success_rate([])
+
+
+def test_reset_state_reproduces_the_episode_start():
+    from lightning_pieg import envs as factory
+
+    env = factory.make("drawer_close", seed=4)
+    try:
+        env.reset()
+        state = factory.get_reset_state(env)
+        first, first_state = env.reset().observation, env.info["state"].copy()
+        env.reset()
+        other_state = env.info["state"].copy()
+        factory.set_reset_state(env, state)
+        again = env.reset().observation
+        assert not np.array_equal(first_state, other_state)  # a new drawer position each reset...
+        assert np.array_equal(first, again) and np.array_equal(first_state, env.info["state"])  # ...replayed
+    finally:
+        env.close()

@@ -356,6 +356,17 @@ class DrawerWorld(dm_env.Environment):
         """The last step's ``success`` (bool) and ``state`` (Meta-World's 39-d observation)."""
         return self._info
 
+    def reset_state(self) -> dict:
+        """What the next reset draws from (task variation, Meta-World's own generator): for exact resumption."""
+        np_random = getattr(self._env, "np_random", None)
+        return {"tasks": self._random.bit_generator.state,
+                "metaworld": None if np_random is None else np_random.bit_generator.state}
+
+    def load_reset_state(self, state: dict) -> None:
+        self._random.bit_generator.state = state["tasks"]
+        if state["metaworld"] is not None:
+            self._env.np_random.bit_generator.state = state["metaworld"]
+
     @property
     def metaworld_env(self):
         """The underlying Meta-World environment."""
