@@ -153,8 +153,11 @@ class Evaluate(pl.Callback):
         self._last_frame = frame
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if _stream(trainer).collector.stats.step == 0:
+        collector = _stream(trainer).collector
+        if collector.stats.step == 0:
             self.evaluate(trainer, pl_module)
+        else:  # resumed: the next evaluation is at the next multiple of every_frames
+            self._last_frame = collector.frame
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not updated(outputs):
