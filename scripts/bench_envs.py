@@ -47,7 +47,8 @@ def main() -> None:
         options["blanket_path"] = args.blanket_path
 
     rng = np.random.default_rng(0)
-    print(f"{'task':<14}{'mode':<19}{'build s':>8}{'agent steps/s':>15}{'env steps/s':>13}")
+    print(f"{'task':<14}{'mode':<19}{'build s':>8}{'agent steps/s':>15}{'env steps/s':>13}{'vs train':>10}")
+    baseline: dict[str, float] = {}  # each task's train mode, measured in this process
     for task, mode in runs:
         start = time.perf_counter()
         env = envs.make(task, mode, seed=0, **options)
@@ -56,7 +57,9 @@ def main() -> None:
         rates = [agent_steps_per_second(env, args.steps, rng) for _ in range(args.repeats)]
         env.close()
         rate = statistics.median(rates)
-        print(f"{task:<14}{mode:<19}{build:>8.2f}{rate:>15.1f}{rate * args.action_repeat:>13.1f}", flush=True)
+        baseline.setdefault(task, rate)
+        print(f"{task:<14}{mode:<19}{build:>8.2f}{rate:>15.1f}{rate * args.action_repeat:>13.1f}"
+              f"{rate / baseline[task]:>10.2f}", flush=True)
     print(f"({args.image_size}x{args.image_size} pixels, action repeat {args.action_repeat}, median of "
           f"{args.repeats} x {args.steps} agent steps; MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
 

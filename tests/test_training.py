@@ -127,3 +127,34 @@ def test_load_policy_rejects_a_corrupt_checkpoint(tmp_path):
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt"):
         lightning_pieg.load_policy(path)
+
+
+def test_overlay_augmentation_joins_the_critic_loss(compose, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lightning_pieg.overlay as overlay_module
+
+    folder = tmp_path / "places"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    calls = []
+    original = overlay_module.overlay
+
+    def counting_overlay(obs, images, alpha=0.5):
+        calls.append((tuple(obs.shape), tuple(images.shape), alpha))
+        return original(obs, images, alpha)
+
+    monkeypatch.setattr(overlay_module, "overlay", counting_overlay)
+    cfg = compose("num_train_frames=120", f"augment.overlay={folder}")
+    run_id, recorder = run(cfg, tmp_path)
+    assert len(calls) == len(recorder.losses) == 20  # one overlaid batch per update
+    assert calls[0] == ((4, 9, 84, 84), (4, 3, 84, 84), 0.5)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    assert client.get_run(run_id).data.params["augment.overlay"] == str(folder)
+
+
+def test_overlay_without_a_folder_is_a_clear_error(compose, tmp_path):
+    with pytest.raises(FileNotFoundError, match="augment.overlay|missing"):
+        train(compose(f"augment.overlay={tmp_path / 'missing'}"))
