@@ -20,6 +20,7 @@ from lightning_pieg import envs
 from lightning_pieg.callbacks import EvalEnv, Evaluate, FrameCheckpoint, TrainingProgress
 from lightning_pieg.collector import Collector
 from lightning_pieg.data import ReplayDataModule, ReplayStream
+from lightning_pieg.diagnostics import feature_shift_callbacks
 from lightning_pieg.encoders import EncoderConfigError, check_config, load_weights
 from lightning_pieg.envs.distracting import reported_name
 from lightning_pieg.module import AGENTS, PIEGModule
@@ -178,6 +179,11 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_path, resume_meta = resolve_resume(cfg, checkpoint_dir)
     eval_targets = build_eval_envs(cfg)  # here: a generalization mode's missing data stops the run at once
+    try:  # diag.feature_shift: diag/feature_shift/<mode> at each evaluation (lightning_pieg/diagnostics.py)
+        diagnostics = feature_shift_callbacks(cfg, eval_targets, eval_env_options(cfg),
+                                              cfg.seed + EVAL_SEED_OFFSET, say)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     encoder_weights = None
     if cfg.agent == "pieg":
         encoder_weights = load_weights(cfg.encoder.arch, cfg.encoder.weights)
@@ -236,6 +242,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
                  make_env=lambda mode, rank: make_eval_env(cfg, mode, rank)),
         FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
                         config, print_fn=say),
+        *diagnostics,
         *extra_callbacks,
     ]
     trainer = pl.Trainer(

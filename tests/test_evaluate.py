@@ -292,3 +292,48 @@ def test_training_rejects_bad_eval_settings_before_any_work(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=f"eval.modes: video_easy: .*{tmp_path / 'none'}"):
         train(train_config(tmp_path, "num_eval_episodes=1", "eval.modes=[video_easy]",
                            f"eval.dmcgb_dir={tmp_path / 'none'}"))
+
+
+# ----------------------------------------------------------------------------------- the paper's set of modes
+PAPER_MODES = ("train", "color_hard", "video_easy", "video_hard", "distracting_cs")
+
+
+def test_cli_gives_table_and_metrics_for_every_benchmark_mode(trained, tmp_path_factory, tmp_path):
+    """The issue's check 3 on synthetic data: colour files and 3-frame videos for both video modes (all 10 and 100
+    files), and a DAVIS-layout folder for distracting_cs; results go to a run of their own store."""
+    from lightning_pieg.envs import distracting
+    from test_distracting import write_davis
+
+    root, checkpoint, run_id, uri = trained
+    data = make_data_dir(tmp_path_factory.mktemp("dmcgb_all"), video_modes=("video_easy", "video_hard"))
+    davis = write_davis(tmp_path_factory.mktemp("davis"), distracting.NUM_VIDEOS[distracting.DEFAULT_INTENSITY])
+    copy = tmp_path / checkpoint.name  # the same checkpoint without a run: the training run stays untouched
+    copy.write_bytes(checkpoint.read_bytes())
+    meta = json.loads(checkpoint.with_suffix(".json").read_text())
+    copy.with_suffix(".json").write_text(json.dumps({**meta, "mlflow_run_id": None}))
+    store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={copy}", f"modes=[{','.join(PAPER_MODES)}]",
+         "episodes=2", "num_envs=2", "env.time_limit=0.2", f"dmcgb_dir={data}", f"davis_dir={davis}",
+         "video=false", f"mlflow.tracking_uri={store}", f"hydra.run.dir={out}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    names = [mode if mode != "distracting_cs" else "distracting_cs_0.1" for mode in PAPER_MODES]
+    table_rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| 2 |" in line]
+    assert [row.split("|")[1].strip() for row in table_rows] == names
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["mode"] for row in rows] == names
+    assert all(row["episodes"] == "2" and float(row["mean_length"]) == 10 for row in rows)  # 0.2 s: 10 agent steps
+    assert (out / "results.md").read_text().count("| 2 |") == len(names)
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("lightning_pieg").experiment_id])
+    for row in rows:
+        for key, column in (("episode_reward", "mean"), ("episode_reward_std", "std")):
+            [metric] = client.get_metric_history(run.info.run_id, f"eval/{row['mode']}/{key}")
+            assert metric.step == FRAMES and metric.value == pytest.approx(float(row[column]))
+    folder = f"evaluation/frame_{FRAMES:09d}"
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, folder)) == [
+        f"{folder}/results.csv", f"{folder}/results.md"]
