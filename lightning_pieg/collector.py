@@ -91,6 +91,9 @@ class Collector:
     def load_state_dict(self, state: dict, replay_restored: bool) -> None:
         """Replay the saved reset, so the env is where it was; the reset frame is recorded unless the replay has it."""
         self.stats = EpisodeStats(step=state["step"], episode=state["episode"])
+        if self.stats.episode > 0:
+            # the saved reset was not the env's first, and some envs (dm_control composer) draw more on their first
+            self.env.reset()
         set_reset_state(self.env, state["reset_state"])
         self._reset(record=not replay_restored)
         self.pending_action = state["pending_action"]

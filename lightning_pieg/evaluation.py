@@ -87,14 +87,11 @@ class _Worker:
 
     def start(self, index: int, starts: EpisodeStarts, record: bool) -> None:
         state, first_observation = starts[index]
-        if all(part is None for part in state):
-            # This environment exposes no reset state (drawer_close draws its task variation from a private
-            # generator): bring it to its index-th reset by resetting it as often as the reference was.
-            while self.resets < index:
-                self.env.reset()
-                self.resets += 1
-        else:
-            set_reset_state(self.env, state)
+        if index > 0 and self.resets == 0:
+            # dm_control's composer envs (reach_duplo) draw more on their very first reset than on later ones:
+            # the reference's reset ``index`` was a later one, so warm this environment up first
+            self.env.reset()
+        set_reset_state(self.env, state)
         self.time_step = self.env.reset()
         self.resets = index + 1
         if not np.array_equal(self.time_step.observation, first_observation):

@@ -138,3 +138,40 @@ def test_bad_options_name_the_option():
         manipulation.deformation("deformed_thin", {"deformed_thin_brick_scale": [1, 2]})
     with pytest.raises(ValueError, match="Valid modes"):
         envs.make("reach_duplo", "bent")
+
+
+def test_lockstep_evaluation_replays_the_sequential_episodes():
+    """Composer envs draw more on their first reset than later: fresh lockstep workers must still start each
+    episode where one environment run back to back does (and a resumed collector likewise)."""
+    from lightning_pieg.evaluation import EpisodeStarts, run_episode, run_lockstep
+
+    make = lambda: envs.make("reach_duplo", "train", seed=5, time_limit=0.2)  # noqa: E731  (3 agent steps)
+    act = lambda observations: np.zeros((len(observations), 9), np.float32)  # noqa: E731
+    sequential_env = make()
+    sequential = [run_episode(sequential_env, lambda obs: np.zeros(9, np.float32), record=True) for _ in range(3)]
+    workers = [make(), make()]
+    lockstep = run_lockstep(workers, act, 3, EpisodeStarts(make()), record_first=True)
+    assert [e.length for e in lockstep] == [e.length for e in sequential] == [3, 3, 3]
+    for want, have in zip(sequential[0].frames, lockstep[0].frames):
+        np.testing.assert_array_equal(want, have)
+
+
+def test_resumed_collector_restarts_the_same_episode():
+    from lightning_pieg.collector import Collector
+    from lightning_pieg.replay import Replay
+
+    def collector():
+        env = envs.make("reach_duplo", "train", seed=6, time_limit=0.2)
+        replay = Replay(100, (3, 84, 84), 9, frame_stack=3, nstep=1, discount=0.99)
+        return Collector(env, replay, lambda obs, step, explore: np.full(9, 0.3, np.float32), action_repeat=2)
+
+    original = collector()
+    while original.stats.episode < 2 or not original.at_fresh_episode:
+        original.prepare()
+        if original.at_fresh_episode and original.stats.episode == 2:
+            break
+        original.advance()
+    state = original.state_dict()
+    resumed = collector()
+    resumed.load_state_dict(state, replay_restored=True)
+    np.testing.assert_array_equal(resumed.time_step.observation, original.time_step.observation)
