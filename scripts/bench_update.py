@@ -80,7 +80,7 @@ def main() -> None:
         pieg = time_updates("pieg", batch, args.repeats, args.warmup, args.device)
         rows.append((batch, pieg, baseline))
         print(f"  batch {batch}: pieg {pieg:.3f} s, drqv2 {baseline:.3f} s", flush=True)
-    print(f"\n| batch | PIE-G update (s) | DrQ-v2 update (s, baseline) | PIE-G / DrQ-v2 |")
+    print("\n| batch | PIE-G update (s) | DrQ-v2 update (s, baseline) | PIE-G / DrQ-v2 |")
     print("|---:|---:|---:|---:|")
     for batch, pieg, baseline in rows:
         print(f"| {batch} | {pieg:.3f} | {baseline:.3f} | {pieg / baseline:.2f} |")

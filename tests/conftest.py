@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_pieg  # noqa: F401  (torch before dm_control)
 
@@ -30,3 +31,20 @@ def compose(tmp_path: Path):
                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: two OpenMP threads on two busy cores make tiny forward passes several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Synthetic DMC-GB data (colour files, ten 3-frame video_easy videos), as the DMC-GB tests write it."""
+    from test_dmcgb import make_data_dir
+
+    return make_data_dir(tmp_path_factory.mktemp("dmcgb"), video_modes=("video_easy",))

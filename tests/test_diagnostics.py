@@ -1,8 +1,6 @@
 """Feature shift (paper Fig. 2): paired renderings, the metric's zero and scale invariance, the training callback."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning_pieg  # noqa: F401  (torch before dm_control)
 import mlflow
 import numpy as np
@@ -16,23 +14,12 @@ from lightning_pieg.diagnostics import (FeatureShift, feature_shift, feature_shi
                                         paired_observations)
 from lightning_pieg.encoders import ConvEncoder, FrozenResNetEncoder
 from lightning_pieg.train import ConfigError, train
-from test_dmcgb import make_data_dir
 
 FRAMES = 100
 OBS_SHAPE = (9, 84, 84)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_data_dir(tmp_path_factory.mktemp("dmcgb"), video_modes=("video_easy",))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

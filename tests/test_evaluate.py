@@ -32,19 +32,7 @@ FRAMES = 100  # the tiny checkpoint's frame (its final checkpoint)
 SHORT = 0.5   # seconds per evaluation episode: 25 agent steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on two busy cores make tiny forward passes several times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Synthetic DMC-GB data (colour files, ten 3-frame video_easy videos), as the DMC-GB tests write it."""
-    return make_data_dir(tmp_path_factory.mktemp("dmcgb"), video_modes=("video_easy",))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_config(root: Path, *overrides: str):
