@@ -181,13 +181,3 @@ class EpisodeMetrics:
         for metric in (self.rewards, self.lengths, self.successes):
             metric.reset()
         self._reports_success = False
-
-
-def summarise(episodes: list[Episode]) -> dict[str, float]:
-    rewards = np.array([e.reward for e in episodes], dtype=np.float64)
-    summary = {"episode_reward": float(rewards.mean()), "episode_reward_std": float(rewards.std()),
-               "episode_length": float(np.mean([e.length for e in episodes]))}
-    successes = [e.success for e in episodes if e.success is not None]
-    if successes:
-        summary["success_rate"] = float(np.mean(successes))
-    return summary

@@ -134,15 +134,18 @@ class Replay:
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         """``(obs, action, reward, discount, next_obs)`` tensors; obs uint8, reward and discount shaped (B, 1)."""
-        anchors = np.empty(0, dtype=np.int64)
+        anchors, masks, lasts = [], [], []
+        found = 0
         for _ in range(100):
             candidates = self.rng.integers(self.oldest, self.size, size=2 * batch_size)
-            anchors = np.concatenate([anchors, candidates[self._windows(candidates)[0]]])[:batch_size]
-            if len(anchors) == batch_size:
+            valid, mask, last = self._windows(candidates)
+            anchors.append(candidates[valid]), masks.append(mask[valid]), lasts.append(last[valid])
+            found += int(valid.sum())
+            if found >= batch_size:
                 break
         else:
             raise RuntimeError("the replay holds no complete n-step window yet; collect more steps first")
-        _, mask, last = self._windows(anchors)
+        anchors, mask, last = (np.concatenate(parts)[:batch_size] for parts in (anchors, masks, lasts))
         steps = (anchors[:, None] + 1 + np.arange(self.nstep)[None, :]) % self.capacity
         rewards = np.where(mask, self.rewards[steps], 0.0)
         discounts = np.where(mask, self.discounts[steps] * self.discount, 1.0)

@@ -27,7 +27,7 @@ from lightning_pieg.module import AGENTS, PIEGModule
 from lightning_pieg.networks import parse_schedule
 from lightning_pieg.policy import check_checkpoint
 from lightning_pieg.replay import Replay
-from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_logger
+from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_logger, tracking_uri
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FRAME_SHAPE = (3, 84, 84)
@@ -226,6 +226,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
                 f"the restored policy before updating again")
 
     logger = make_logger(cfg, resume_meta.get("mlflow_run_id"))
+    store = tracking_uri(cfg.mlflow.tracking_uri)
     config = OmegaConf.to_container(cfg, resolve=True)
     if resume_path is None:
         log_config(logger, cfg)
@@ -253,11 +254,11 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
     say(f"task={cfg.task} agent={cfg.agent} frames={cfg.num_train_frames:,} batch={cfg.batch_size} "
         f"updates={stream.num_updates():,}; first update after {stream.first_update_step * action_repeat:,} "
-        f"seed frames; MLflow run {logger.run_id} ({logger._tracking_uri})")
+        f"seed frames; MLflow run {logger.run_id} ({store})")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
     say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. "
-        f"Compare runs with: mlflow ui --backend-store-uri {logger._tracking_uri}")
+        f"Compare runs with: mlflow ui --backend-store-uri {store}")
     for item in (env, *(target.env for target in eval_targets)):
         item.close()
     return logger.run_id

@@ -10,6 +10,15 @@ import lightning_pieg  # noqa: F401  (torch before dm_control)
 from lightning_pieg import envs
 from lightning_pieg.envs import drawerworld
 from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale
+from lightning_pieg.evaluation import Episode, EpisodeMetrics, run_episode
+
+
+def success_rate(episodes: list[Episode]) -> float:
+    """The torchmetrics aggregation that training and ``evaluate`` log as ``eval/<mode>/success_rate``."""
+    metrics = EpisodeMetrics()
+    for episode in episodes:
+        metrics.update(episode)
+    return metrics.compute()["success_rate"]
 
 
 @pytest.fixture
@@ -68,16 +77,18 @@ def test_scripted_policy_closes_the_drawer_through_the_wrappers():
     policy = SawyerDrawerCloseV3Policy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the policy warns that its gains exceed the action bounds; they are clipped
-        successes = drawerworld.episode_successes(env, lambda _: policy.get_action(env.info["state"]), episodes=5)
+        episodes = [run_episode(env, lambda _: policy.get_action(env.info["state"])) for _ in range(5)]
     env.close()
+    successes = [episode.success for episode in episodes]
     assert len(successes) == 5 and sum(successes) >= 4, successes
-    assert drawerworld.success_rate(successes) >= 0.8
+    assert success_rate(episodes) >= 0.8  # the metric evaluation logs as eval/<mode>/success_rate
 
 
 def test_idle_arm_does_not_succeed():
     """The success signal is not trivially on: doing nothing for a short episode never closes the drawer."""
     env = ActionScale(ActionRepeat(drawerworld.DrawerWorld("train", seed=0, time_limit=0.5), 2))
-    assert drawerworld.episode_successes(env, lambda _: np.zeros(4, np.float32), episodes=2) == [False, False]
+    episodes = [run_episode(env, lambda _: np.zeros(4, np.float32)) for _ in range(2)]
+    assert [episode.success for episode in episodes] == [False, False]
     env.close()
 
 
@@ -147,9 +158,8 @@ def test_table_textures_differ_and_blanket_needs_a_file(monkeypatch, tmp_path):
 
 
 def test_success_rate():
-    assert drawerworld.success_rate([True, False, True, True]) == 0.75
-    with pytest.raises(ValueError):
-        drawerworld.success_rate([])
+    episodes = [Episode(reward=0.0, length=1, success=s) for s in (True, False, True, True)]
+    assert success_rate(episodes) == 0.75
 
 
 def test_reset_state_reproduces_the_episode_start():

@@ -34,7 +34,7 @@ import os
 import types
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import dm_env
 import numpy as np
@@ -424,30 +424,3 @@ def make(
         raise ValueError(f"Unknown task {task!r} for the Drawer World family. Valid tasks: {', '.join(TASKS)}.")
     base = DrawerWorld(mode, seed, time_limit, max(image_size, MIN_FRAMEBUFFER), blanket_path)
     return pixel_env(base, base.render, action_repeat=action_repeat, image_size=image_size, frame_stack=frame_stack)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluation helpers
-
-
-def episode_successes(env: dm_env.Environment, act: Callable[[np.ndarray], np.ndarray], episodes: int) -> list[bool]:
-    """Run ``episodes`` episodes with ``act(observation) -> action``; each is a success at the first step where
-    ``env.info['success']`` holds, and ends there."""
-    results = []
-    for _ in range(episodes):
-        time_step = env.reset()
-        success = False
-        while not time_step.last():
-            time_step = env.step(act(time_step.observation))
-            if env.info.get("success", False):
-                success = True
-                break
-        results.append(success)
-    return results
-
-
-def success_rate(successes: Sequence[bool]) -> float:
-    """The fraction of successful episodes."""
-    if len(successes) == 0:
-        raise ValueError("success_rate needs at least one episode.")
-    return float(np.mean(np.asarray(successes, dtype=bool)))
