@@ -38,18 +38,31 @@ def _stream(trainer: pl.Trainer) -> ReplayDataModule:
 
 class TrainingProgress(pl.Callback):
     """Logs ``train/*`` (losses every ``log_every_updates`` updates, every finished episode) and prints a line
-    with frame, episode reward and frames/s at every episode end."""
+    with frame, episode reward, frames/s and the time left at every episode end.
 
-    def __init__(self, total_frames: int, log_every_updates: int = 50, print_fn: Callable[[str], None] = print):
-        self.total_frames, self.log_every_updates, self.print = total_frames, log_every_updates, print_fn
+    ``train/fps`` is DrQ-v2's: frames per second since the previous episode end, but with the time that
+    ``paused()`` reports (evaluation) left out, so it measures collection and updates alone. The eta uses the
+    overall rate, evaluation included."""
+
+    def __init__(self, total_frames: int, log_every_updates: int = 50, print_fn: Callable[[str], None] = print,
+                 paused: Callable[[], float] = lambda: 0.0):
+        self.total_frames, self.log_every_updates, self.print, self.paused = total_frames, log_every_updates, \
+            print_fn, paused
         self._updates = 0
-        self._clock: tuple[float, int] | None = None
+        self._start: tuple[float, int] | None = None     # wall time and frame when training started
+        self._window: tuple[float, int] | None = None    # the same at the last episode end, evaluation excluded
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._clock = (time.perf_counter(), _stream(trainer).collector.frame)
+        frame = _stream(trainer).collector.frame
+        self._start = (time.perf_counter(), frame)
+        self._window = (time.perf_counter() - self.paused(), frame)
 
     def _fps(self, frame: int) -> float:
-        start, start_frame = self._clock
+        start, start_frame = self._window
+        return (frame - start_frame) / max(time.perf_counter() - self.paused() - start, 1e-9)
+
+    def _overall_fps(self, frame: int) -> float:
+        start, start_frame = self._start
         return (frame - start_frame) / max(time.perf_counter() - start, 1e-9)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -67,11 +80,15 @@ class TrainingProgress(pl.Callback):
     def _log_episodes(self, trainer) -> None:
         collector = _stream(trainer).collector
         frame = collector.frame
-        for episode, episode_frame, reward, length in collector.pop_finished():
-            fps = self._fps(frame)
+        finished = collector.pop_finished()
+        if not finished:
+            return
+        fps, overall = self._fps(frame), self._overall_fps(frame)
+        self._window = (time.perf_counter() - self.paused(), frame)
+        for episode, episode_frame, reward, length in finished:
             log_metrics(trainer, {"train/episode_reward": reward, "train/episode_length": length * collector.action_repeat,
                                   "train/episode": episode, "train/fps": fps}, episode_frame)
-            eta = (self.total_frames - frame) / max(fps, 1e-9)
+            eta = (self.total_frames - frame) / max(overall, 1e-9)
             self.print(f"frame {episode_frame:>9,}/{self.total_frames:,} | episode {episode:>5} | "
                        f"episode_reward {reward:8.1f} | {fps:6.1f} frames/s | eta {eta / 60:6.1f} min")
 
@@ -119,6 +136,7 @@ class Evaluate(pl.Callback):
         self.num_episodes, self.every_frames, self.make_env = num_episodes, every_frames, make_env
         self.video_dir, self.print = video_dir, print_fn
         self._last_frame: int | None = None
+        self.seconds = 0.0  # wall time spent evaluating (left out of the training frames/s)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if trainer.global_rank > 0 and self.make_env is not None:
@@ -132,6 +150,7 @@ class Evaluate(pl.Callback):
         frame, step = collector.frame, collector.stats.step
         if self.num_episodes <= 0 or self._last_frame == frame:
             return
+        started = time.perf_counter()
         episodes_here = episodes_per_process(self.num_episodes, trainer.world_size)
         for target in self.targets:  # the same order on every process: compute() is a collective under DDP
             act = _actor(pl_module, step, target.per_observation_bn)
@@ -151,6 +170,7 @@ class Evaluate(pl.Callback):
                 path = write_video(self.video_dir / f"eval_{name}_{frame:09d}.mp4", episodes[0].frames)
                 log_artifact(trainer.logger, path, "videos")
         self._last_frame = frame
+        self.seconds += time.perf_counter() - started
 
     def on_train_start(self, trainer, pl_module) -> None:
         collector = _stream(trainer).collector

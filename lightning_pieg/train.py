@@ -236,11 +236,13 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_artifact(logger, output_dir / "config.yaml")
 
+    evaluate = Evaluate(eval_targets, cfg.num_eval_episodes, cfg.eval_every_frames,
+                        output_dir / "videos" if cfg.save_video else None, print_fn=say,
+                        make_env=lambda mode, rank: make_eval_env(cfg, mode, rank))
     callbacks = [
-        TrainingProgress(cfg.num_train_frames, cfg.trainer.log_every_n_updates, print_fn=say),
-        Evaluate(eval_targets, cfg.num_eval_episodes, cfg.eval_every_frames,
-                 output_dir / "videos" if cfg.save_video else None, print_fn=say,
-                 make_env=lambda mode, rank: make_eval_env(cfg, mode, rank)),
+        TrainingProgress(cfg.num_train_frames, cfg.trainer.log_every_n_updates, print_fn=say,
+                         paused=lambda: evaluate.seconds),
+        evaluate,
         FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
                         config, print_fn=say),
         *diagnostics,

@@ -158,3 +158,36 @@ def test_overlay_augmentation_joins_the_critic_loss(compose, tmp_path, monkeypat
 def test_overlay_without_a_folder_is_a_clear_error(compose, tmp_path):
     with pytest.raises(FileNotFoundError, match="augment.overlay|missing"):
         train(compose(f"augment.overlay={tmp_path / 'missing'}"))
+
+
+def test_training_fps_leaves_evaluation_time_out(monkeypatch):
+    """train/fps covers the frames since the last episode end over the time spent collecting and updating."""
+    from types import SimpleNamespace
+
+    from lightning_pieg import callbacks
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock["now"])
+    finished: list = []
+    collector = SimpleNamespace(frame=0, action_repeat=2, pop_finished=lambda: [finished.pop()] if finished else [])
+    logged: list = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(collector=collector), is_global_zero=True, loggers=[logger])
+    paused = {"seconds": 0.0}
+    lines: list = []
+    progress = callbacks.TrainingProgress(10_000, log_every_updates=10**9, print_fn=lines.append,
+                                          paused=lambda: paused["seconds"])
+    progress.on_train_start(trainer, None)
+
+    def episode_end(frame: int, seconds: float, evaluating: float) -> float:
+        clock["now"] += seconds + evaluating
+        paused["seconds"] += evaluating
+        collector.frame = frame
+        finished.append((frame // 1000, frame, 500.0, 500))
+        progress.on_train_batch_end(trainer, None, {"critic_loss": 0.0}, None, 0)
+        return logged[-1][1]["train/fps"]
+
+    assert episode_end(1000, seconds=50.0, evaluating=0.0) == pytest.approx(20.0)
+    assert episode_end(2000, seconds=40.0, evaluating=300.0) == pytest.approx(25.0)  # evaluation left out
+    assert episode_end(3000, seconds=100.0, evaluating=0.0) == pytest.approx(10.0)   # a window, not an average
+    assert "eta" in lines[-1] and len(lines) == 3
