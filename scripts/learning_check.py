@@ -73,7 +73,11 @@ def train_seed(args, seed: int) -> None:
 
 def train_side_by_side(args) -> None:
     """One process per seed, ``--jobs`` at a time, each with its share of the cores."""
-    mlflow.MlflowClient(tracking_uri(args.out)).search_experiments()  # create the tables once, before the children
+    # Tables and experiment are created here, once: children that both find no experiment would both create it,
+    # and the second fails on the unique name.
+    client = mlflow.MlflowClient(tracking_uri(args.out))
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, running = list(args.seeds), []
@@ -93,7 +97,10 @@ def train_side_by_side(args) -> None:
         for seed, process in [item for item in running if item[1].poll() is not None]:
             running.remove((seed, process))
             if process.returncode != 0:
-                sys.exit(f"seed {seed} failed with exit status {process.returncode}: see {args.out / f'seed_{seed}.log'}")
+                log = args.out / f"seed_{seed}.log"
+                tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+                sys.exit(f"{tail}\nseed {seed} failed with exit status {process.returncode}: the last lines of {log} "
+                         f"are above")
 
 
 def training_fps(episode_ends: list[tuple[int, int]], seed_frames: int) -> float:

@@ -55,3 +55,16 @@ def test_training_fps_is_the_median_episode_rate_after_the_seed_phase():
     assert training_fps(ends, seed_frames=0) == pytest.approx(20.0)
     assert training_fps(ends[:2], seed_frames=0) == pytest.approx(100.0)
     assert training_fps(ends[:2], seed_frames=2000) != training_fps(ends[:2], seed_frames=2000)  # nan: none yet
+
+
+def test_side_by_side_creates_the_experiment_before_any_seed_starts(tmp_path):
+    # Two children that both find no experiment both create it; the second then fails on the unique name.
+    import argparse
+
+    import mlflow
+    script = load_script()
+    args = argparse.Namespace(out=tmp_path, jobs=2, seeds=[])  # no seed: only the set-up runs
+    script.train_side_by_side(args)
+    client = mlflow.MlflowClient(script.tracking_uri(tmp_path))
+    assert client.get_experiment_by_name(script.EXPERIMENT) is not None
+    script.train_side_by_side(args)  # and again over an existing experiment
