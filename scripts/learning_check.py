@@ -171,9 +171,8 @@ def plot(results: list[dict], args, path: Path) -> None:
         ax.plot(*REFERENCE_CPU_BATCH_64, ":s", color="gray", markersize=3,
                 label="DrQ-v2 authors' code, batch 64, 2-core CPU (1 seed)")
     ax.set(xlabel="frames", ylabel="eval episode return (mean action)", title="cartpole_balance", ylim=(0, 1000))
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8)  # below the axes: it hides no curve
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
