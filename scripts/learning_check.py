@@ -10,8 +10,8 @@ Each seed is one MLflow run in the experiment ``learning_check`` of ``<out>/mlfl
 --backend-store-uri sqlite:///learning_check/mlflow.db``). Every ``--eval-every`` frames the policy's mean action
 is evaluated for ``--eval-episodes`` episodes. ``--jobs N`` trains N seeds at once, in processes that split the
 CPU cores between them (each logs to ``<out>/seed_<seed>.log``); by default every seed at once, up to one per core.
-On a 2-core CPU two seeds side by side, one core each, train about twice as fast in all as one seed on both cores,
-because the update's small convolutions gain little from a second thread.
+Side by side keeps every core busy: a process that steps and renders its environment uses one core, and another
+process's update uses the rest, whereas one process on all cores leaves all but one idle while its environment runs.
 
 The report is built from the MLflow runs (every ``mlflow.db`` under ``--out``; the newest run per seed with this
 agent, batch and budget), so ``--report`` can read it while runs go on or long after. It writes
