@@ -11,7 +11,7 @@ Each seed is one MLflow run in the experiment ``learning_check`` of ``<out>/mlfl
 is evaluated for ``--eval-episodes`` episodes. ``--jobs N`` trains N seeds at once, in processes that split the
 CPU cores between them (each logs to ``<out>/seed_<seed>.log``); by default every seed at once, up to one per core.
 Side by side keeps every core busy: a process that steps and renders its environment uses one core, and another
-process's update uses the rest, whereas one process on all cores leaves all but one idle while its environment runs.
+process's update uses the rest, whereas one process on all cores leaves most of them idle while its environment runs.
 
 The report is built from the MLflow runs (every ``mlflow.db`` under ``--out``; the newest run per seed with this
 agent, batch and budget), so ``--report`` can read it while runs go on or long after. It writes
