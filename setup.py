@@ -16,12 +16,19 @@ setup(
         "mlflow>=3.0",
         "dm_control==1.0.50",
         "mujoco==3.17.0",  # dm_control 1.0.50 breaks on mujoco 4.0 (flex_vertedge)
-        "metaworld>=3.0,<4",
         "av>=12",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "rliable==1.2.0",  # seed statistics (lightning_pieg/stats.py)
+        "pandas<3",        # rliable pins arch < 8, which does not import under pandas 3
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # Drawer World (task drawer_close) needs Meta-World; the suite and reach_duplo do not
+        "drawerworld": ["metaworld>=3.0,<4"],
+        "test": ["pytest>=8", "metaworld>=3.0,<4"],
+    },
+    package_data={"lightning_pieg": ["paper/*.csv", "paper/README.md", "paper/drqv2_curves/*.csv",
+                                     "paper/drqv2_curves/LICENSE"]},
     entry_points={"console_scripts": [
         "pieg-train=lightning_pieg.train:main",
         "pieg-evaluate=lightning_pieg.evaluate:main",

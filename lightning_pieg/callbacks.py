@@ -1,23 +1,29 @@
 """Lightning callbacks: training metrics and progress, periodic (generalization) evaluation with videos,
-frame-based checkpoints."""
+frame-based checkpoints, the divergence guard and the graceful stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
-import json
-import os
+import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import dm_env
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from lightning_pieg.checkpoints import checkpoint_path, clean_leftovers, replay_path, write_sidecar, atomic_write
+from lightning_pieg.console import UserError
 from lightning_pieg.data import ReplayDataModule
-from lightning_pieg.evaluation import EpisodeMetrics, episodes_per_process, run_episode
+from lightning_pieg.policy import mean_action_policy, one_at_a_time
+from lightning_pieg.rollouts import EpisodeMetrics, episodes_per_process, run_episode
 from lightning_pieg.tracking import log_artifact
 from lightning_pieg.video import write_video
+
+
+class DivergenceError(UserError):
+    """Training produced non-finite numbers; the message names the update, the frame and the likely cause."""
 
 
 def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], frame: int) -> None:
@@ -36,6 +42,26 @@ def _stream(trainer: pl.Trainer) -> ReplayDataModule:
     return trainer.datamodule
 
 
+class Every:
+    """Marks every ``interval`` units (frames, updates): ``due(now)`` once a mark is reached, ``done(now)`` after
+    acting on it. ``interval`` 0 is never due."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.next = interval
+
+    def start(self, now: int) -> None:
+        """The next mark after ``now`` (a fresh run at 0, or a resumed one)."""
+        self.done(now)
+
+    def due(self, now: int) -> bool:
+        return self.interval > 0 and now >= self.next
+
+    def done(self, now: int) -> None:
+        if self.interval > 0:
+            self.next = (now // self.interval + 1) * self.interval
+
+
 class TrainingProgress(pl.Callback):
     """Logs ``train/*`` (losses every ``log_every_updates`` updates, every finished episode) and prints a line
     with frame, episode reward, frames/s and the time left at every episode end.
@@ -46,8 +72,8 @@ class TrainingProgress(pl.Callback):
 
     def __init__(self, total_frames: int, log_every_updates: int = 50, print_fn: Callable[[str], None] = print,
                  paused: Callable[[], float] = lambda: 0.0):
-        self.total_frames, self.log_every_updates, self.print, self.paused = total_frames, log_every_updates, \
-            print_fn, paused
+        self.total_frames, self.print, self.paused = total_frames, print_fn, paused
+        self._log = Every(log_every_updates)
         self._updates = 0
         self._start: tuple[float, int] | None = None     # wall time and frame when training started
         self._window: tuple[float, int] | None = None    # the same at the last episode end, evaluation excluded
@@ -70,7 +96,8 @@ class TrainingProgress(pl.Callback):
             return
         frame = _stream(trainer).collector.frame
         self._updates += 1
-        if self._updates % self.log_every_updates == 0:
+        if self._log.due(self._updates):
+            self._log.done(self._updates)
             log_metrics(trainer, {**pl_module.last_metrics, "train/fps": self._fps(frame)}, frame)
         self._log_episodes(trainer)
 
@@ -107,34 +134,20 @@ class EvalEnv:
         return self.name or self.mode
 
 
-def _actor(pl_module, step: int, per_observation_bn: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """The mean action for one observation, with running or per-observation BatchNorm statistics."""
-    if not per_observation_bn:
-        return lambda obs: pl_module.act(obs, step, explore=False)
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        batch = torch.as_tensor(obs[None], device=pl_module.device)
-        return pl_module.act_batch(batch, per_observation_bn=True)[0].cpu().numpy()
-
-    return act
-
-
-class Evaluate(pl.Callback):
+class PeriodicEvaluation(pl.Callback):
     """Every ``every_frames`` (and at the start and the end of training), ``num_episodes`` episodes with the mean
-    action in each evaluation mode; logs ``eval/<mode>/*`` and uploads each mode's first episode as an mp4.
+    action in each of ``targets`` (the evaluation modes, each with its BatchNorm statistics: ``train`` uses the
+    running ones, as the authors' training loop); logs ``eval/<mode>/*`` and uploads each mode's first episode as
+    an mp4. Returns, lengths and successes are aggregated with torchmetrics: under DDP each process plays its share
+    of the episodes on environments that ``make_env(mode, rank)`` builds with seeds of their own."""
 
-    ``env`` is one environment (evaluated as ``mode``) or a list of ``EvalEnv``: the generalization modes, each with
-    its BatchNorm statistics (``train`` uses the running ones, as the authors' training loop). Returns, lengths and
-    successes are aggregated with torchmetrics, so under DDP each process plays its share of the episodes on
-    environments that ``make_env(mode, rank)`` builds with seeds of their own, and the logged numbers cover them all.
-    """
-
-    def __init__(self, env: dm_env.Environment | list[EvalEnv], num_episodes: int, every_frames: int,
-                 video_dir: Path | None, mode: str = "train", print_fn: Callable[[str], None] = print,
-                 make_env: Callable[[str, int], dm_env.Environment] | None = None):
-        self.targets = [EvalEnv(mode, env)] if isinstance(env, dm_env.Environment) else list(env)
-        self.num_episodes, self.every_frames, self.make_env = num_episodes, every_frames, make_env
+    def __init__(self, targets: list[EvalEnv], num_episodes: int, every_frames: int, video_dir: Path | None,
+                 print_fn: Callable[[str], None] = print,
+                 make_env: Callable[[str, int], dm_env.Environment] | None = None, stop_on_success: bool = True):
+        self.targets = list(targets)
+        self.num_episodes, self.make_env, self.stop_on_success = num_episodes, make_env, stop_on_success
         self.video_dir, self.print = video_dir, print_fn
+        self._marks = Every(every_frames)
         self._last_frame: int | None = None
         self.seconds = 0.0  # wall time spent evaluating (left out of the training frames/s)
 
@@ -146,17 +159,17 @@ class Evaluate(pl.Callback):
                 target.env = self.make_env(target.mode, trainer.global_rank)
 
     def evaluate(self, trainer, pl_module) -> None:
-        collector = _stream(trainer).collector
-        frame, step = collector.frame, collector.stats.step
+        frame = _stream(trainer).collector.frame
         if self.num_episodes <= 0 or self._last_frame == frame:
             return
         started = time.perf_counter()
         episodes_here = episodes_per_process(self.num_episodes, trainer.world_size)
         for target in self.targets:  # the same order on every process: compute() is a collective under DDP
-            act = _actor(pl_module, step, target.per_observation_bn)
+            act = one_at_a_time(mean_action_policy(pl_module, target.per_observation_bn))
             record = self.video_dir is not None and trainer.is_global_zero
             metrics = EpisodeMetrics(pl_module.device)
-            episodes = [run_episode(target.env, act, record=record and i == 0) for i in range(episodes_here)]
+            episodes = [run_episode(target.env, act, record=record and i == 0, stop_on_success=self.stop_on_success)
+                        for i in range(episodes_here)]
             for episode in episodes:
                 metrics.update(episode)
             summary = metrics.compute()
@@ -170,72 +183,91 @@ class Evaluate(pl.Callback):
                 path = write_video(self.video_dir / f"eval_{name}_{frame:09d}.mp4", episodes[0].frames)
                 log_artifact(trainer.logger, path, "videos")
         self._last_frame = frame
+        self._marks.done(frame)
         self.seconds += time.perf_counter() - started
 
     def on_train_start(self, trainer, pl_module) -> None:
         collector = _stream(trainer).collector
+        self._marks.start(collector.frame)
         if collector.stats.step == 0:
             self.evaluate(trainer, pl_module)
         else:  # resumed: the next evaluation is at the next multiple of every_frames
             self._last_frame = collector.frame
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not updated(outputs):
-            return
-        frame = _stream(trainer).collector.frame
-        last = self._last_frame if self._last_frame is not None else -1
-        if self.every_frames > 0 and frame // self.every_frames > max(last, 0) // self.every_frames:
+        if updated(outputs) and self._marks.due(_stream(trainer).collector.frame):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
+        if not _stream(trainer).stream.stop_requested:  # an interrupted run ends at once, unevaluated
+            self.evaluate(trainer, pl_module)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def non_finite_parameter(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None."""
+    for name, parameter in module.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return name
+    return None
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops the run at the first update whose losses are not finite, before any checkpoint holds them.
+
+    Put it before ``FrameCheckpoint`` in the callback list: callbacks run in order, and a checkpoint written in
+    the same batch end must not hold the diverged weights (``FrameCheckpoint`` also checks every parameter)."""
+
+    def __init__(self, hint: str):
+        self.hint, self.updates = hint, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not updated(outputs):
+            return
+        self.updates += 1
+        bad = sorted(key for key, value in pl_module.last_metrics.items() if not math.isfinite(value))
+        if bad:
+            frame = _stream(trainer).collector.frame
+            raise DivergenceError(f"training diverged at update {self.updates:,} (frame {frame:,}): {', '.join(bad)} "
+                                  f"not finite. Likely cause: {self.hint}. No checkpoint holds the diverged "
+                                  f"weights; the earlier ones are intact.")
 
 
 class FrameCheckpoint(pl.Callback):
-    """Writes a checkpoint (atomically: temporary file, then rename) at the first fresh episode after every
-    ``every_frames`` frames, and at the end of training; keeps the last ``keep`` locally and uploads the final one.
-
-    Beside each ``frame_<N>.ckpt``: ``frame_<N>.json`` (frame, MLflow run id, config) and, with
-    ``save_replay``, ``frame_<N>.replay.npz``.
-    """
+    """Writes a checkpoint at the first fresh episode after every ``every_frames`` frames, and at the end of
+    training (weights only; resumable instead when the run was interrupted); keeps the last ``keep`` (0: all)
+    and uploads the final one. Beside each ``frame_<N>.ckpt``: its sidecar ``frame_<N>.json`` (frame, MLflow run
+    id, config) and, with ``save_replay``, ``frame_<N>.replay.npz`` (see ``checkpoints.py``)."""
 
     def __init__(self, directory: Path, every_frames: int, keep: int, save_replay: bool, config: dict,
                  print_fn: Callable[[str], None] = print):
-        self.directory, self.every_frames, self.keep, self.save_replay = directory, every_frames, keep, save_replay
+        self.directory, self.keep, self.save_replay = Path(directory), keep, save_replay
         self.config, self.print = config, print_fn
-        self._next_frame: int | None = None
+        self._marks = Every(every_frames)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        frame = _stream(trainer).collector.frame
-        self._next_frame = (frame // self.every_frames + 1) * self.every_frames if self.every_frames > 0 else None
+        self._marks.start(_stream(trainer).collector.frame)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         collector = _stream(trainer).collector
-        if not updated(outputs):
-            return
-        if self._next_frame is not None and collector.frame >= self._next_frame and collector.at_fresh_episode:
+        if updated(outputs) and self._marks.due(collector.frame) and collector.at_fresh_episode:
             self.save(trainer)
-            self._next_frame = (collector.frame // self.every_frames + 1) * self.every_frames
+            self._marks.done(collector.frame)
 
     def save(self, trainer: pl.Trainer, final: bool = False) -> Path:
         datamodule = _stream(trainer)
         frame = datamodule.collector.frame
+        bad = non_finite_parameter(trainer.lightning_module)
+        if bad is not None:
+            raise DivergenceError(f"parameter {bad} is not finite at frame {frame:,}: the checkpoint was not written; "
+                                  f"the earlier ones are intact.")
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"frame_{frame:09d}.ckpt"
-        if not final:  # the final state (mid-episode, budget spent) is for acting and evaluation, not for resuming
-            if self.save_replay:
-                datamodule.replay.save(path.with_suffix(".replay.npz"))
-        _atomic(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=final))
+        path = checkpoint_path(self.directory, frame)
+        if not final and self.save_replay:  # the final state (mid-episode, budget spent) is for acting, not resuming
+            atomic_write(replay_path(path), datamodule.replay.write)
+        trainer.save_checkpoint(path, weights_only=final)
         if trainer.is_global_zero:
-            meta = {"frame": frame, "mlflow_run_id": getattr(trainer.logger, "run_id", None), "final": final,
-                    "replay": self.save_replay and not final, "config": self.config}
-            _atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+            write_sidecar(path, {"frame": frame, "mlflow_run_id": getattr(trainer.logger, "run_id", None),
+                                 "final": final, "replay": self.save_replay and not final, "config": self.config})
             self._prune()
             self.print(f"checkpoint: {path}")
         return path
@@ -243,10 +275,55 @@ class FrameCheckpoint(pl.Callback):
     def _prune(self) -> None:
         checkpoints = sorted(self.directory.glob("frame_*.ckpt"))
         for old in checkpoints[:-self.keep] if self.keep > 0 else []:
-            for sibling in (old, old.with_suffix(".json"), old.with_suffix(".replay.npz")):
-                sibling.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+        clean_leftovers(self.directory)  # the pruned checkpoints' sidecars and replays
 
     def on_train_end(self, trainer, pl_module) -> None:
+        stream = _stream(trainer)
+        if stream.stream.stop_requested:
+            if stream.collector.at_fresh_episode and stream.collector.stats.step > 0:
+                self.save(trainer)
+            else:
+                self.print("no resumable checkpoint written: the run stopped before its first step")
+            return
         path = self.save(trainer, final=True)
         log_artifact(trainer.logger, path, "checkpoints")
         log_artifact(trainer.logger, path.with_suffix(".json"), "checkpoints")
+
+
+class GracefulStop(pl.Callback):
+    """SIGINT/SIGTERM: finish the current episode, then end the run with a resumable checkpoint (the stream ends
+    at the next episode start, ``FrameCheckpoint.on_train_end`` writes it). A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, print_fn: Callable[[str], None] = print):
+        self.print = print_fn
+        self._previous: dict[int, object] = {}
+        self._stream = None
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stream.stop_requested:
+            self.print(f"{name} again: stopping now, without a checkpoint")
+            raise KeyboardInterrupt
+        self._stream.stop_requested = name
+        self.print(f"{name}: finishing this episode, then writing a resumable checkpoint and stopping "
+                   f"({name} again stops at once, without one)")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._stream = _stream(trainer).stream
+        for signum in self.SIGNALS:  # replaces Lightning's SIGTERM notifier for the run, restored at the end
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)

@@ -7,7 +7,7 @@ from typing import Callable
 import dm_env
 import numpy as np
 
-from lightning_pieg.envs import get_reset_state, set_reset_state
+from lightning_pieg.envs import get_reset_state, restore_reset_state
 from lightning_pieg.replay import Replay
 
 Policy = Callable[[np.ndarray, int, bool], np.ndarray]
@@ -56,6 +56,9 @@ class Collector:
             self._reset()
         self.pending_action = np.asarray(self.policy(self.time_step.observation, self.stats.step, True),
                                          dtype=np.float32)
+        if not np.isfinite(self.pending_action).all():
+            raise FloatingPointError(f"the policy chose a non-finite action {self.pending_action} at agent step "
+                                     f"{self.stats.step:,} (frame {self.frame:,})")
         return self.pending_action
 
     def advance(self) -> None:
@@ -91,9 +94,6 @@ class Collector:
     def load_state_dict(self, state: dict, replay_restored: bool) -> None:
         """Replay the saved reset, so the env is where it was; the reset frame is recorded unless the replay has it."""
         self.stats = EpisodeStats(step=state["step"], episode=state["episode"])
-        if self.stats.episode > 0:
-            # the saved reset was not the env's first, and some envs (dm_control composer) draw more on their first
-            self.env.reset()
-        set_reset_state(self.env, state["reset_state"])
+        restore_reset_state(self.env, state["reset_state"], later_reset_on_fresh_env=self.stats.episode > 0)
         self._reset(record=not replay_restored)
         self.pending_action = state["pending_action"]

@@ -51,6 +51,7 @@ class ReplayStream(IterableDataset):
         self.collector, self.batch_size = collector, batch_size
         self.update_every_steps, self.first_update_step, self.total_steps = (
             update_every_steps, first_update_step, total_steps)
+        self.stop_requested: str | None = None  # set (to the signal's name) to end at the next episode start
 
     def update_due(self, step: int) -> bool:
         return step >= self.first_update_step and step % self.update_every_steps == 0
@@ -63,6 +64,8 @@ class ReplayStream(IterableDataset):
         while collector.stats.step < self.total_steps:
             if collector.pending_action is None:  # a resumed stream starts after its last update, action chosen
                 collector.prepare()
+                if self.stop_requested and collector.at_fresh_episode:
+                    return  # a resumable point: the checkpoint callback writes it at the end of training
                 step = collector.stats.step
                 if self.update_due(step):
                     yield (*collector.replay.sample(self.batch_size), torch.tensor(step))

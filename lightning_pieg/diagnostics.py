@@ -16,8 +16,6 @@ own statistics, in both renderings) or ``running`` (the trunk's running statisti
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,11 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_pieg.encoders import ARCHS, ConvEncoder, FrozenResNetEncoder, imagenet_mean_std
+from lightning_pieg.encoders import ARCHS, BN_STATISTICS, ConvEncoder, FrozenResNetEncoder, imagenet_mean_std
 
-BN_CHOICES = ("per_observation", "running")
 NORM_EPS = 1e-8
-FIGURES_EXPERIMENT = "figures"
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -113,8 +109,8 @@ def feature_maps(encoder: nn.Module, observations: np.ndarray | torch.Tensor,
                  bn: str = "per_observation") -> torch.Tensor:
     """``(B, 3F, H, W)`` uint8 observations -> ``(B, C, h, w)`` maps: PIE-G's trunk output for the newest frame,
     or DrQ-v2's conv maps. Leaves the encoder's phase (train/eval) and BatchNorm buffers as they were."""
-    if bn not in BN_CHOICES:
-        raise ValueError(f"bn={bn!r} is unknown; choose {' or '.join(BN_CHOICES)}.")
+    if bn not in BN_STATISTICS:
+        raise ValueError(f"bn={bn!r} is unknown; choose {' or '.join(BN_STATISTICS)}.")
     encoder = _unwrap(encoder)
     device = next(encoder.parameters()).device
     obs = torch.as_tensor(np.asarray(observations), device=device).float()
@@ -179,26 +175,6 @@ def resnet_layer_maps(resnet: nn.Module, frame: np.ndarray, arch: str = "resnet1
     return outputs
 
 
-# ---------------------------------------------------------------------------------------------------- MLflow
-def log_figure_run(uri: str, run_name: str, params: dict, metrics: dict[str, float], artifacts: Sequence[Path],
-                   experiment: str = FIGURES_EXPERIMENT) -> str:
-    """One MLflow run in ``experiment`` with these params, metrics and files; returns its id."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                     params=[Param(key, str(value)[:6000]) for key, value in params.items()])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
-    return run_id
-
-
 # ------------------------------------------------------------------------------------------- training callback
 class FeatureShift(pl.Callback):
     """Logs ``diag/feature_shift/<name>`` of the module's encoder at every evaluation (start, every
@@ -211,10 +187,12 @@ class FeatureShift(pl.Callback):
     def __init__(self, modes: Sequence[str], make_pairs: Callable[[str], list[Pair]], every_frames: int,
                  bn: str = "per_observation", names: dict[str, str] | None = None,
                  print_fn: Callable[[str], None] = print):
-        if bn not in BN_CHOICES:
-            raise ValueError(f"bn={bn!r} is unknown; choose {' or '.join(BN_CHOICES)}.")
+        if bn not in BN_STATISTICS:
+            raise ValueError(f"bn={bn!r} is unknown; choose {' or '.join(BN_STATISTICS)}.")
         self.modes = [mode for mode in modes if mode != "train"]
-        self.make_pairs, self.every_frames, self.bn = make_pairs, every_frames, bn
+        from lightning_pieg.callbacks import Every
+
+        self.make_pairs, self.bn, self._marks = make_pairs, bn, Every(every_frames)
         self.names = dict(names or {})
         self.print = print_fn
         self.pairs: dict[str, list[Pair]] = {}
@@ -236,23 +214,21 @@ class FeatureShift(pl.Callback):
         metrics = {f"diag/feature_shift/{self.names.get(mode, mode)}": feature_shift(pl_module, pairs, self.bn)
                    for mode, pairs in self.pairs.items()}
         log_metrics(trainer, metrics, frame)
+        self._marks.done(frame)
         self.print(f"feature shift at frame {frame:,}: " + ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.3f}"
                                                                       for k, v in metrics.items()))
         self._last_frame = frame
         return metrics
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._marks.start(self._frame(trainer))
         if trainer.datamodule.collector.stats.step == 0:
             self.measure(trainer, pl_module)
-        else:  # resumed: the next measurement is at the next multiple of every_frames, as Evaluate does
+        else:  # resumed: the next measurement is at the next multiple of every_frames, as evaluation does
             self._last_frame = self._frame(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not outputs:
-            return
-        frame = self._frame(trainer)
-        last = self._last_frame if self._last_frame is not None else -1
-        if self.every_frames > 0 and frame // self.every_frames > max(last, 0) // self.every_frames:
+        if outputs and self._marks.due(self._frame(trainer)):
             self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

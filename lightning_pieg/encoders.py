@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from lightning_pieg.console import UserError
 from lightning_pieg.networks import orthogonal_init
 
 ARCHS = {
@@ -37,11 +38,14 @@ ARCHS = {
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
 }
 BN_MODES = ("adaptive", "frozen")
+# Which statistics the trunk's BatchNorm uses when evaluating outside the training scene (see the table above):
+# each observation's own, or the running ones (a diagnostic).
+BN_STATISTICS = ("per_observation", "running")
 LAYERS = (1, 2, 3, 4)
 DOWNLOAD_TIMEOUT_S = 60
 
 
-class EncoderConfigError(ValueError):
+class EncoderConfigError(UserError):
     """A bad encoder setting or a weights file that cannot be had; the message names the fix."""
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -15,11 +16,17 @@ from lightning_pieg.networks import Actor, Critic, stddev_at
 
 AGENTS = ("pieg", "drqv2")
 
-# Lightning flags the dataloader_iter step as experimental; the learner relies on exactly its no-prefetch behaviour.
-warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
-warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
-# PIE-G's frozen trunk is in eval mode on purpose (frozen BatchNorm statistics).
-warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
+
+@contextmanager
+def expected_lightning_warnings() -> Iterator[None]:
+    """Silence the warnings Lightning gives about choices this module makes on purpose, while fitting it."""
+    with warnings.catch_warnings():
+        # the dataloader_iter step is flagged experimental; the learner relies on exactly its no-prefetch behaviour
+        warnings.filterwarnings("ignore", message=".*dataloader_iter.*")
+        warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+        # PIE-G's frozen trunk is in eval mode on purpose (frozen BatchNorm statistics)
+        warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
+        yield
 
 
 class PIEGModule(pl.LightningModule):
@@ -33,7 +40,7 @@ class PIEGModule(pl.LightningModule):
                  feature_dim: int = 256, hidden_dim: int = 1024, critic_target_tau: float = 0.01,
                  num_expl_steps: int = 2000, stddev_schedule: str | float = "linear(1.0,0.1,100000)",
                  stddev_clip: float = 0.3, encoder: dict | None = None, overlay_alpha: float = 0.5,
-                 encoder_state_dict: dict | None = None):
+                 encoder_state_dict: dict | None = None, shift_pad: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder_state_dict"])
         if agent not in AGENTS:
@@ -52,7 +59,8 @@ class PIEGModule(pl.LightningModule):
         self.critic_target = Critic(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
-        self.shift = RandomShift(encoder.get("shift_pad", 4))
+        # shift_pad was an encoder option in checkpoints written before it moved to the augmentation
+        self.shift = RandomShift(shift_pad if shift_pad is not None else encoder.get("shift_pad", 4))
         self.overlay_images = None  # set by train.py when augment.overlay names a folder (not saved)
         self.automatic_optimization = False
         self.last_metrics: dict[str, float] = {}
@@ -101,6 +109,41 @@ class PIEGModule(pl.LightningModule):
         actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.hparams.lr, fused=True)
         return [critic_opt, actor_opt]
 
+    def td_target(self, reward: torch.Tensor, discount: torch.Tensor, next_features: torch.Tensor,
+                  std: float) -> torch.Tensor:
+        """n-step TD target: ``reward + discount * min(Q1', Q2')`` of the target critic at the online actor's
+        clipped noisy action for the next observation (clipped double Q)."""
+        with torch.no_grad():
+            next_action = self.actor(next_features, std).sample(clip=self.hparams.stddev_clip)
+            target_q1, target_q2 = self.critic_target(next_features, next_action)
+            return reward + discount * torch.min(target_q1, target_q2)
+
+    def critic_loss(self, features: torch.Tensor, action: torch.Tensor,
+                    target_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``MSE(Q1, target) + MSE(Q2, target)``; returns the loss and both Q estimates."""
+        q1, q2 = self.critic(features, action)
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1, q2
+
+    def actor_loss(self, features: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.distributions.Normal]:
+        """``-mean(min(Q1, Q2))`` at the actor's clipped noisy action; the features are detached, so only the
+        actor learns from it."""
+        dist = self.actor(features.detach(), std)
+        policy_action = dist.sample(clip=self.hparams.stddev_clip)
+        actor_q1, actor_q2 = self.critic(features.detach(), policy_action)
+        return -torch.min(actor_q1, actor_q2).mean(), dist
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Soft target update: ``target <- (1 - tau) * target + tau * online``."""
+        tau = self.hparams.critic_target_tau
+        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), tau)
+
+    def on_train_start(self) -> None:
+        # a resumed run restores its optimisers' state, learning rate included: the requested lr applies from here
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.hparams.lr
+
     def training_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
         """One update. Returns the critic loss; when the stream is spent Lightning swallows the StopIteration
         and calls the batch-end hooks with empty outputs, which callbacks therefore skip."""
@@ -115,33 +158,23 @@ class PIEGModule(pl.LightningModule):
         features = self.encoder(obs)
         with torch.no_grad():
             next_features = self.encoder(next_obs)
-            next_action = self.actor(next_features, std).sample(clip=self.hparams.stddev_clip)
-            target_q1, target_q2 = self.critic_target(next_features, next_action)
-            target_q = reward + discount * torch.min(target_q1, target_q2)
-
-        q1, q2 = self.critic(features, action)
-        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        target_q = self.td_target(reward, discount, next_features, std)
+        critic_loss, q1, q2 = self.critic_loss(features, action, target_q)
         if self.overlay_images is not None:
             from lightning_pieg.overlay import overlay
 
             images = self.overlay_images.sample(obs.shape[0]).to(self.device)
-            aug_q1, aug_q2 = self.critic(self.encoder(overlay(obs, images, self.hparams.overlay_alpha)), action)
-            critic_loss = 0.5 * (critic_loss + F.mse_loss(aug_q1, target_q) + F.mse_loss(aug_q2, target_q))
+            overlaid = self.encoder(overlay(obs, images, self.hparams.overlay_alpha))
+            critic_loss = 0.5 * (critic_loss + self.critic_loss(overlaid, action, target_q)[0])
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
 
-        dist = self.actor(features.detach(), std)
-        policy_action = dist.sample(clip=self.hparams.stddev_clip)
-        actor_q1, actor_q2 = self.critic(features.detach(), policy_action)
-        actor_loss = -torch.min(actor_q1, actor_q2).mean()
+        actor_loss, dist = self.actor_loss(features, std)
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(actor_loss)
         actor_opt.step()
-
-        with torch.no_grad():
-            tau = self.hparams.critic_target_tau
-            torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), tau)
+        self.update_target()
 
         self.last_metrics = {
             "train/critic_loss": critic_loss.item(), "train/critic_q1": q1.mean().item(),

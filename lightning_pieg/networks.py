@@ -38,7 +38,7 @@ class TruncatedNormal(torch.distributions.Normal):
         return x - x.detach() + clamped.detach()
 
 
-_LINEAR = re.compile(r"linear\((.+),(.+),(.+)\)")
+_LINEAR = re.compile(r"linear\(([^,]+),([^,]+),([^,]+)\)")
 
 
 def parse_schedule(schedule: str | float) -> None:
@@ -52,10 +52,15 @@ def stddev_at(schedule: str | float, step: int) -> float:
         return float(schedule)
     except ValueError:
         match = _LINEAR.fullmatch(str(schedule).replace(" ", ""))
+        problem = f"stddev_schedule={schedule!r} is not a number or 'linear(init,final,duration)' with numbers"
         if match is None:
-            raise ValueError(
-                f"stddev_schedule={schedule!r} is not a number or 'linear(init,final,duration)'") from None
-        init, final, duration = (float(g) for g in match.groups())
+            raise ValueError(problem) from None
+        try:
+            init, final, duration = (float(g) for g in match.groups())
+        except ValueError:
+            raise ValueError(problem) from None
+        if not duration > 0 or min(init, final) < 0:
+            raise ValueError(f"{problem}, stddevs >= 0 and a positive duration") from None
         mix = float(np.clip(step / duration, 0.0, 1.0))
         return (1.0 - mix) * init + mix * final
 

@@ -44,6 +44,17 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def check_images(folder: str | os.PathLike, count: int) -> None:
+    """Decode the first ``count`` images of ``folder``: a ``ValueError`` naming the first that cannot be read."""
+    for path in image_files(folder)[:count]:
+        try:
+            with Image.open(path) as opened:
+                opened.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read overlay image {str(path)!r} ({error}); remove it or point "
+                             f"augment.overlay at a folder of valid jpg/png images.") from None
+
+
 def random_resized_crop_box(width: int, height: int, random: np.random.Generator) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a crop covering 8-100% of the image with aspect ratio in [3/4, 4/3].
 

@@ -17,6 +17,7 @@ window stops there (the discount is then 0, so nothing is bootstrapped from ``ne
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +121,6 @@ class Replay:
         mask = np.arange(self.nstep)[None, :] < count[:, None]
         return valid, mask, last
 
-    def num_valid(self) -> int:
-        anchors = np.arange(self.oldest, self.size)
-        return int(self._windows(anchors)[0].sum()) if len(anchors) else 0
-
     def _stack(self, positions: np.ndarray) -> np.ndarray:
         """Frame stacks ending at ``positions``, the episode's first frame repeated before its start."""
         starts = self.episode_starts[positions % self.capacity]
@@ -157,23 +154,47 @@ class Replay:
                 torch.from_numpy(reward), torch.from_numpy(discount), torch.from_numpy(self._stack(last)))
 
     # --- persistence (save_replay) ---------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write the replay atomically: a temporary file, then a rename."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+    def write(self, handle) -> None:
+        """Serialise the replay into an open binary file (``checkpoints.atomic_write`` gives one)."""
         used = min(self.size, self.capacity)
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **{name: getattr(self, name)[:used] for name in BYTES_FIELDS},
-                     meta=np.array([self.size, self._episode_start, self.capacity], dtype=np.int64),
-                     rng=np.array([repr(self.rng.bit_generator.state)]))
-        os.replace(tmp, path)
+        np.savez(handle, **{name: getattr(self, name)[:used] for name in BYTES_FIELDS},
+                 meta=np.array([self.size, self._episode_start, self.capacity], dtype=np.int64),
+                 rng=np.array([repr(self.rng.bit_generator.state)]))
+
+    def save(self, path: str | Path) -> None:
+        """Write the replay atomically (temporary file, fsync, rename)."""
+        from lightning_pieg.checkpoints import atomic_write
+
+        atomic_write(Path(path), self.write)
+
+    @staticmethod
+    def check_file(path: str | Path) -> None:
+        """Raise ``ValueError`` naming ``path`` if it is not a complete saved replay (before anything is built)."""
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+                names = {name.removesuffix(".npy") for name in archive.namelist()}
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(f"replay file {str(path)!r} is corrupt or truncated ({error})") from None
+        missing = sorted({*BYTES_FIELDS, "meta", "rng"} - names)
+        if broken is not None or missing:
+            problem = f"member {broken!r} fails its CRC check" if broken else f"it lacks {', '.join(missing)}"
+            raise ValueError(f"replay file {str(path)!r} is corrupt ({problem})")
+
+    @staticmethod
+    def saved_capacity(path: str | Path) -> int:
+        """The capacity of a saved replay (a resumed run keeps it, whatever its new frame budget)."""
+        Replay.check_file(path)
+        with np.load(path, allow_pickle=False) as data:
+            return int(data["meta"][2])
 
     def load(self, path: str | Path) -> None:
+        self.check_file(path)
         with np.load(path, allow_pickle=False) as data:
             size, episode_start, capacity = (int(v) for v in data["meta"])
             if capacity != self.capacity:
                 raise ValueError(f"{path} holds a replay of capacity {capacity}, this run has {self.capacity}; "
-                                 f"resume with the same replay_buffer_size and num_train_frames")
+                                 f"resume with the same replay_buffer_size")
             used = min(size, capacity)
             for name in BYTES_FIELDS:
                 getattr(self, name)[:used] = data[name]

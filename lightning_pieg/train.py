@@ -1,12 +1,10 @@
 """Train PIE-G (or DrQ-v2) on a pixel task: ``python -m lightning_pieg.train task=walker_walk seed=2``.
 
-Everything that can be wrong with the request (task, encoder settings, weights, data folders, memory,
-checkpoint to resume) is checked before any environment is built or any weights are loaded into a network.
+Every value is checked (``config.py``), the checkpoint folder locked and checked, the resume request compared with
+its checkpoint, the weights and the overlay images read, before the training environment is built.
 """
 from __future__ import annotations
 
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,235 +14,131 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_pieg  # noqa: F401  (torch/torchvision before dm_control: see lightning_pieg/__init__.py)
-from lightning_pieg import envs
-from lightning_pieg.callbacks import EvalEnv, Evaluate, FrameCheckpoint, TrainingProgress
+from lightning_pieg import checkpoints, envs, pipeline
+from lightning_pieg.callbacks import (DivergenceError, DivergenceGuard, FrameCheckpoint, GracefulStop,
+                                      PeriodicEvaluation, TrainingProgress)
 from lightning_pieg.collector import Collector
+from lightning_pieg.config import (CONF_DIR, ConfigError, check_group_arguments, check_train, hydra_output_dir,
+                                   split_overrides)
+from lightning_pieg.console import fail, run_cli, say
 from lightning_pieg.data import ReplayDataModule, ReplayStream
 from lightning_pieg.diagnostics import feature_shift_callbacks
-from lightning_pieg.encoders import EncoderConfigError, check_config, load_weights
-from lightning_pieg.envs.distracting import reported_name
-from lightning_pieg.module import AGENTS, PIEGModule
-from lightning_pieg.networks import parse_schedule
-from lightning_pieg.policy import check_checkpoint
+from lightning_pieg.encoders import load_weights
+from lightning_pieg.module import PIEGModule, expected_lightning_warnings
 from lightning_pieg.replay import Replay
-from lightning_pieg.tracking import log_artifact, log_config, log_tags, make_logger, tracking_uri
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-FRAME_SHAPE = (3, 84, 84)
-EVAL_BN = ("per_observation", "running")
-EVAL_DATA_OPTIONS = ("dmcgb_dir", "davis_dir", "distracting_intensity", "distracting_background")
-EVAL_SEED_OFFSET = 42  # evaluation environments are seeded with seed + 42, as the authors'
-EVAL_RANK_SEED_STRIDE = 10_000  # under DDP, process r evaluates with seed + 42 + r * stride
+from lightning_pieg.rollouts import evaluation_seed
+from lightning_pieg.tracking import log_artifact, log_config, log_resume, log_tags, make_logger, mark_killed, \
+    tracking_uri
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and the fix."""
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM (after writing a resumable checkpoint where it could)."""
 
-
-# Errors that are the request's fault: printed as one clear line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, EncoderConfigError, MemoryError, envs.RenderingError, FileNotFoundError)
-
-
-def say(message: str) -> None:
-    print(f"[lightning_pieg] {message}", flush=True)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cheap checks of every value, before anything is built."""
-    if cfg.agent not in AGENTS:
-        raise ConfigError(f"agent={cfg.agent!r} is unknown; choose one of {', '.join(AGENTS)}.")
-    try:
-        envs.check(cfg.task)
-    except ValueError as error:
-        raise ConfigError(f"task={cfg.task!r}: {error}") from None
-    try:
-        check_config(cfg.encoder.arch, cfg.encoder.layer, cfg.encoder.bn)
-        parse_schedule(cfg.stddev_schedule)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    positive = ("num_train_frames", "action_repeat", "frame_stack", "batch_size", "nstep", "update_every_steps",
-                "replay_buffer_size", "hidden_dim", "feature_dim")
-    for key in positive:
-        if not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer.")
-    for key in ("num_seed_frames", "eval_every_frames", "num_eval_episodes", "checkpoint_every_frames",
-                "num_expl_steps"):
-        if not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise ConfigError(f"{key}={cfg[key]!r} must be a non-negative integer.")
-    if not 0.0 < cfg.discount <= 1.0:
-        raise ConfigError(f"discount={cfg.discount!r} must be in (0, 1].")
-    if cfg.frame_stack < 2 and cfg.agent == "pieg":
-        raise ConfigError("PIE-G fuses frame differences: frame_stack must be at least 2.")
-    modes, known = eval_modes(cfg), envs.mode_names(cfg.task)
-    unknown = [mode for mode in modes if mode not in known]
-    if unknown or not modes:
-        raise ConfigError(f"eval.modes={modes}: {'unknown mode ' + repr(unknown[0]) if unknown else 'empty'} for "
-                          f"task {cfg.task}; choose from {', '.join(known)} (e.g. eval.modes=[train,{known[-1]}]).")
-    if cfg.eval.bn not in EVAL_BN:
-        raise ConfigError(f"eval.bn={cfg.eval.bn!r} is unknown; choose {' or '.join(EVAL_BN)}.")
-
-
-def eval_modes(cfg: DictConfig) -> list[str]:
-    modes = cfg.eval.modes
-    return [modes] if isinstance(modes, str) else [str(mode) for mode in modes]
-
-
-def eval_env_options(cfg: DictConfig) -> dict:
-    """Options of the evaluation environments: the training environment's plus the ``eval`` section's data options."""
-    options = OmegaConf.to_container(cfg.env, resolve=True)
-    options.update({key: cfg.eval[key] for key in EVAL_DATA_OPTIONS if cfg.eval.get(key) is not None})
-    return options
-
-
-def make_eval_env(cfg: DictConfig, mode: str, rank: int = 0):
-    """``mode``'s evaluation environment for process ``rank``; a mode's missing data is a ConfigError."""
-    try:
-        return envs.make(cfg.task, mode, seed=cfg.seed + EVAL_SEED_OFFSET + rank * EVAL_RANK_SEED_STRIDE,
-                         **eval_env_options(cfg))
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"eval.modes: {mode}: {error}") from None
-
-
-def build_eval_envs(cfg: DictConfig) -> list[EvalEnv]:
-    """One environment per evaluation mode; ``train`` acts with running BatchNorm statistics (the authors' training
-    loop), the others with ``eval.bn``."""
-    if cfg.num_eval_episodes <= 0:
-        return []
-    options = eval_env_options(cfg)
-    try:
-        names = {mode: reported_name(mode, options) for mode in eval_modes(cfg)}
-    except ValueError as error:
-        raise ConfigError(f"eval: {error}") from None
-    return [EvalEnv(mode, make_eval_env(cfg, mode), mode != "train" and cfg.eval.bn == "per_observation", name)
-            for mode, name in names.items()]
-
-
-def resolve_resume(cfg: DictConfig, checkpoint_dir: Path) -> tuple[Path | None, dict]:
-    """``resume=last`` is the newest resumable checkpoint of this task/agent/seed; a path is taken as given."""
-    if cfg.resume in (None, "", "none"):
-        return None, {}
-    if cfg.resume == "last":
-        candidates = []
-        for meta_path in sorted(checkpoint_dir.glob("frame_*.json")):
-            meta = json.loads(meta_path.read_text())
-            if not meta.get("final") and meta_path.with_suffix(".ckpt").is_file():
-                candidates.append(meta_path.with_suffix(".ckpt"))
-        if not candidates:
-            raise ConfigError(f"resume=last: no resumable checkpoint in {checkpoint_dir}; pass resume=<path>.")
-        path = candidates[-1]
-    else:
-        path = Path(cfg.resume)
-    try:
-        check_checkpoint(path)
-    except ValueError as error:
-        raise ConfigError(f"resume={cfg.resume!r}: {error}") from None
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("final"):
-        raise ConfigError(f"resume={cfg.resume!r}: {path.name} is a final, weights-only checkpoint; "
-                          f"resume from a periodic one (resume=last picks the newest).")
-    return path, meta
-
-
-def build_overlay(cfg: DictConfig, seed: int):
-    if str(cfg.augment.overlay).lower() == "none":
-        say("augment.overlay=none: training WITHOUT the paper's strong overlay augmentation (no image folder "
-            "configured). Set augment.overlay=/path/to/places365 (any image folder) to train full PIE-G.")
-        return None
-    from lightning_pieg.overlay import ImageOverlay
-
-    return ImageOverlay(cfg.augment.overlay, image_size=FRAME_SHAPE[-1], seed=seed)
-
-
-def split_overrides(argv: list[str]) -> list[str]:
-    """``mlflow run`` passes the free-form ``overrides`` parameter as one quoted argument: split it; drop empties."""
-    out: list[str] = []
-    for arg in argv:
-        out.extend(shlex.split(arg) if (" " in arg.strip() or not arg.strip()) else [arg])
-    return out
-
-
-def _output_dir() -> Path:
-    try:
-        return Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    except ValueError:  # composed without @hydra.main (tests, notebooks)
-        return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: Path | None = None) -> str | None:
-    """Run one training job; returns the MLflow run id."""
-    if cfg.frames not in (None, "preset"):
-        cfg.num_train_frames = int(cfg.frames)
-    validate(cfg)
-    checkpoint_dir = Path(cfg.checkpoint_dir)
-    resume_path, resume_meta = resolve_resume(cfg, checkpoint_dir)
-    eval_targets = build_eval_envs(cfg)  # here: a generalization mode's missing data stops the run at once
-    try:  # diag.feature_shift: diag/feature_shift/<mode> at each evaluation (lightning_pieg/diagnostics.py)
-        diagnostics = feature_shift_callbacks(cfg, eval_targets, eval_env_options(cfg),
-                                              cfg.seed + EVAL_SEED_OFFSET, say)
-    except ValueError as error:
+    """Run one training job; returns the MLflow run id (None when ``resume=last`` finds the run finished)."""
+    cfg = check_train(cfg)
+    directory = Path(cfg.checkpoint_dir)
+    try:
+        resume = checkpoints.plan_resume(cfg.resume, directory, OmegaConf.to_container(cfg), warn=say)
+    except checkpoints.RunFinished as finished:
+        say(str(finished))
+        return None
+    except checkpoints.CheckpointError as error:  # the request's resume= value
         raise ConfigError(str(error)) from None
+    with checkpoints.RunLock(directory) as lock:
+        if lock.stale_owner:
+            say(f"took over the lock of {directory} from a run that is no longer alive ({lock.stale_owner})")
+        removed = checkpoints.clean_leftovers(directory)
+        if removed:
+            say(f"removed what an interrupted save left in {directory}: {', '.join(p.name for p in removed)}")
+        earlier = sorted(directory.glob(checkpoints.PATTERN))
+        if resume is None and earlier:
+            say(f"WARNING: {directory} holds checkpoints of an earlier run (newest {earlier[-1].name}); this new run "
+                f"replaces those at the frames it reaches. Pass resume=last to continue that run instead, or "
+                f"checkpoint_dir=<another folder> to keep both.")
+        return _train(cfg, resume, extra_callbacks, output_dir)
+
+
+def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, output_dir) -> str | None:
+    directory = Path(cfg.checkpoint_dir)
+    replay_file = checkpoints.replay_path(resume.path) if resume else None
+    with_replay = bool(resume and cfg.save_replay and replay_file.is_file())
+    capacity = pipeline.replay_capacity(cfg)
+    if with_replay:  # the saved replay keeps its capacity whatever the new frame budget
+        try:
+            capacity = Replay.saved_capacity(replay_file)
+        except ValueError as error:
+            raise checkpoints.CheckpointError(f"resume={cfg.resume}: {error}; resume with save_replay=false to "
+                                              f"refill the replay instead, or from an earlier checkpoint.") from None
+    Replay.check_fits(capacity, pipeline.frame_shape(cfg), action_dim=64)  # the action size is not known yet
+    checkpoints.check_directory(directory, pipeline.module_bytes(cfg) + (
+        capacity * Replay.bytes_per_transition(pipeline.frame_shape(cfg), 64) if cfg.save_replay else 0))
     encoder_weights = None
     if cfg.agent == "pieg":
         encoder_weights = load_weights(cfg.encoder.arch, cfg.encoder.weights)
         if encoder_weights is None:
             say("encoder.weights=none: the frozen ResNet is RANDOMLY initialised (an ablation, not PIE-G).")
-    overlay = build_overlay(cfg, cfg.seed)
-
-    action_repeat = cfg.action_repeat
-    total_steps = cfg.num_train_frames // action_repeat
-    seed_steps = cfg.num_seed_frames // action_repeat
-    capacity = min(cfg.replay_buffer_size, total_steps + total_steps // 50 + cfg.nstep + cfg.frame_stack + 2)
-    Replay.check_fits(capacity, FRAME_SHAPE, action_dim=64)  # the action size is not known yet: bound it
+    overlay = pipeline.build_overlay(cfg)
+    eval_targets = pipeline.build_eval_targets(cfg)  # a generalization mode's missing data stops the run here
+    try:  # diag.feature_shift: diag/feature_shift/<mode> at each evaluation (lightning_pieg/diagnostics.py)
+        diagnostics = feature_shift_callbacks(cfg, eval_targets, pipeline.eval_env_options(cfg),
+                                              evaluation_seed(cfg.seed), say)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    env_options = OmegaConf.to_container(cfg.env, resolve=True)
-    env = envs.make(cfg.task, "train", seed=cfg.seed, **env_options)
-    obs_shape, action_dim = env.observation_spec().shape, env.action_spec().shape[0]
-
-    module = PIEGModule(
-        obs_shape=obs_shape, action_dim=action_dim, agent=cfg.agent, lr=cfg.lr, feature_dim=cfg.feature_dim,
-        hidden_dim=cfg.hidden_dim, critic_target_tau=cfg.critic_target_tau, num_expl_steps=cfg.num_expl_steps,
-        stddev_schedule=cfg.stddev_schedule, stddev_clip=cfg.stddev_clip,
-        encoder=OmegaConf.to_container(cfg.encoder, resolve=True), overlay_alpha=cfg.augment.overlay_alpha,
-        encoder_state_dict=encoder_weights)
+    env = envs.make(cfg.task, "train", seed=cfg.seed, **pipeline.env_options(cfg))
+    obs_shape, action_dim = tuple(env.observation_spec().shape), env.action_spec().shape[0]
+    module = PIEGModule(obs_shape=obs_shape, action_dim=action_dim, encoder_state_dict=encoder_weights,
+                        **pipeline.module_arguments(cfg))
     module.overlay_images = overlay
 
-    replay = Replay(capacity, FRAME_SHAPE, action_dim, cfg.frame_stack, cfg.nstep, cfg.discount, seed=cfg.seed)
-    collector = Collector(env, replay, module.act, action_repeat)
+    total_steps, seed_steps = cfg.num_train_frames // cfg.action_repeat, cfg.num_seed_frames // cfg.action_repeat
+    replay = Replay(capacity, pipeline.frame_shape(cfg), action_dim, cfg.frame_stack, cfg.nstep, cfg.discount,
+                    seed=cfg.seed)
+    collector = Collector(env, replay, module.act, cfg.action_repeat)
     stream = ReplayStream(collector, cfg.batch_size, cfg.update_every_steps, max(seed_steps, cfg.nstep), total_steps)
     datamodule = ReplayDataModule(stream, seed_steps=max(seed_steps, cfg.nstep))
-    if resume_path is not None:
-        replay_path = resume_path.with_suffix(".replay.npz")
-        if cfg.save_replay and replay_path.is_file():
-            replay.load(replay_path)
+    if resume is not None:
+        if with_replay:
+            replay.load(replay_file)
             datamodule.replay_restored = True
-            say(f"resuming from {resume_path} at frame {resume_meta.get('frame', '?'):,} with its replay")
+            say(f"resuming from {resume.path} at frame {resume.frame:,} with its replay")
         else:
-            say(f"resuming from {resume_path} at frame {resume_meta.get('frame', '?'):,} WITHOUT its replay "
-                f"(save_replay was off): refilling the replay with {seed_steps * action_repeat:,} frames from "
-                f"the restored policy before updating again")
+            say(f"resuming from {resume.path} at frame {resume.frame:,} WITHOUT its replay (save_replay was off): "
+                f"refilling the replay with {seed_steps * cfg.action_repeat:,} frames from the restored policy "
+                f"before updating again")
+        for key, (old, new) in resume.changes.items():
+            say(f"resume: {key} changed from {old!r} to {new!r} (allowed)")
 
-    logger = make_logger(cfg, resume_meta.get("mlflow_run_id"))
-    store = tracking_uri(cfg.mlflow.tracking_uri)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    if resume_path is None:
+    logger = make_logger(cfg, resume.meta.get("mlflow_run_id") if resume else None)
+    if resume is None:
         log_config(logger, cfg)
+    else:
+        log_resume(logger, resume.frame, resume.changes)
     log_tags(logger)
-    output_dir = Path(output_dir) if output_dir is not None else _output_dir()
+    output_dir = Path(output_dir) if output_dir is not None else hydra_output_dir("train")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_artifact(logger, output_dir / "config.yaml")
 
-    evaluate = Evaluate(eval_targets, cfg.num_eval_episodes, cfg.eval_every_frames,
-                        output_dir / "videos" if cfg.save_video else None, print_fn=say,
-                        make_env=lambda mode, rank: make_eval_env(cfg, mode, rank))
+    evaluation = PeriodicEvaluation(eval_targets, cfg.num_eval_episodes, cfg.eval_every_frames,
+                                    output_dir / "videos" if cfg.save_video else None, print_fn=say,
+                                    make_env=lambda mode, rank: pipeline.make_eval_env(cfg, mode, rank),
+                                    stop_on_success=cfg.eval.stop_on_success)
+    hint = (f"learning or target rates too high for this task (lr={cfg.lr}, critic_target_tau={cfg.critic_target_tau}; "
+            f"DrQ-v2 uses lr=1e-4, critic_target_tau=0.01)")
     callbacks = [
+        DivergenceGuard(hint),  # before FrameCheckpoint: no checkpoint of a diverged update
         TrainingProgress(cfg.num_train_frames, cfg.trainer.log_every_n_updates, print_fn=say,
-                         paused=lambda: evaluate.seconds),
-        evaluate,
-        FrameCheckpoint(checkpoint_dir, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
-                        config, print_fn=say),
+                         paused=lambda: evaluation.seconds),
+        evaluation,
+        FrameCheckpoint(directory, cfg.checkpoint_every_frames, cfg.keep_checkpoints, cfg.save_replay,
+                        OmegaConf.to_container(cfg), print_fn=say),
+        GracefulStop(print_fn=say),
         *diagnostics,
         *extra_callbacks,
     ]
@@ -252,50 +146,55 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
         max_epochs=1, max_steps=2 * stream.num_updates() + 2,  # 2 optimiser steps per update, one update of slack:
         # the stream itself ends the epoch at the frame budget, after its last collection steps
-        logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, deterministic=False)
+        logger=logger, callbacks=callbacks, plugins=[checkpoints.SafeCheckpointIO({str(resume.path): resume.state} if resume else None)], enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        deterministic=False)
+    store = tracking_uri(cfg.mlflow.tracking_uri)
     say(f"task={cfg.task} agent={cfg.agent} frames={cfg.num_train_frames:,} batch={cfg.batch_size} "
-        f"updates={stream.num_updates():,}; first update after {stream.first_update_step * action_repeat:,} "
+        f"updates={stream.num_updates():,}; first update after {stream.first_update_step * cfg.action_repeat:,} "
         f"seed frames; MLflow run {logger.run_id} ({store})")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None)
+    try:
+        with expected_lightning_warnings():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
+    except FloatingPointError as error:  # a non-finite action: the collector stops before MuJoCo sees it
+        raise DivergenceError(f"training diverged: {error}. Likely cause: {hint}. No checkpoint holds the diverged "
+                              f"weights; the earlier ones are intact.") from None
+    except (KeyboardInterrupt, SystemExit):
+        mark_killed(logger)
+        raise
+    finally:
+        for item in (env, *(target.env for target in eval_targets)):
+            item.close()
+        if overlay is not None:
+            overlay.close()
+    if stream.stop_requested:
+        mark_killed(logger)
+        raise Interrupted(stream.stop_requested)
     say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. "
         f"Compare runs with: mlflow ui --backend-store-uri {store}")
-    for item in (env, *(target.env for target in eval_targets)):
-        item.close()
     return logger.run_id
+
+
+def _run(cfg: DictConfig) -> None:
+    try:
+        run_cli(lambda: train(cfg))
+    except Interrupted as stop:
+        say(f"stopped on {stop.args[0]}; resume with resume=last")
+        sys.exit(Interrupted.EXIT_STATUS.get(stop.args[0], 1))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except USER_ERRORS as error:
-        say(f"error: {error}")
-        sys.exit(2)
-
-
-def check_task_argument(argv: list[str]) -> None:
-    """Hydra's own message for an unknown task lists config files; name the valid tasks instead, at once."""
-    tasks = [arg.split("=", 1)[1] for arg in argv if arg.startswith("task=")]
-    if not tasks:
-        return
-    presets = sorted(p.stem for p in (Path(CONF_DIR) / "task").glob("*.yaml"))
-    if tasks[-1] not in presets:
-        known = envs.task_names()
-        say(f"error: unknown task {tasks[-1]!r}. Valid tasks: {', '.join(t for t in known if t in presets)}."
-            if tasks[-1] not in known else
-            f"error: task {tasks[-1]!r} has no preset; add conf/task/{tasks[-1]}.yaml (see the other presets).")
-        sys.exit(2)
+    _run(cfg)
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
     try:
-        check_task_argument(sys.argv[1:])
-    except USER_ERRORS as error:
-        say(f"error: {error}")
-        sys.exit(2)
+        sys.argv = [sys.argv[0], *split_overrides(sys.argv[1:])]
+        check_group_arguments(sys.argv[1:])
+    except ConfigError as error:
+        fail(str(error))
     _hydra_main()
 
 

@@ -21,7 +21,7 @@ import torch
 from lightning_pieg import diagnostics, envs
 from lightning_pieg.encoders import EncoderConfigError, load_weights
 from lightning_pieg.envs.distracting import reported_name
-from lightning_pieg.tracking import tracking_uri
+from lightning_pieg.tracking import FIGURES_EXPERIMENT, log_figure_run, tracking_uri
 
 
 def observe(task: str, mode: str, seed: int, steps: int, **options) -> np.ndarray:
@@ -117,8 +117,8 @@ def main() -> None:
         params = {"task": args.task, "mode": name, "seed": args.seed, "steps": args.steps, "arch": args.arch,
                   "weights": args.weights}
         metrics = {f"feature_maps/layer{i}/mean_activation": float(m.mean()) for i, m in enumerate(maps, start=1)}
-        run_id = diagnostics.log_figure_run(uri, f"feature_maps-{args.task}-{name}", params, metrics, [out])
-        print(f"logged to MLflow run {run_id} (experiment {diagnostics.FIGURES_EXPERIMENT!r}, {uri})")
+        run_id = log_figure_run(uri, f"feature_maps-{args.task}-{name}", params, metrics, [out])
+        print(f"logged to MLflow run {run_id} (experiment {FIGURES_EXPERIMENT!r}, {uri})")
 
 
 if __name__ == "__main__":

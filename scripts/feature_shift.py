@@ -25,7 +25,7 @@ from lightning_pieg import diagnostics, envs
 from lightning_pieg.encoders import EncoderConfigError, FrozenResNetEncoder, check_config, load_weights
 from lightning_pieg.envs.distracting import reported_name
 from lightning_pieg.policy import CheckpointError, load_module
-from lightning_pieg.tracking import tracking_uri
+from lightning_pieg.tracking import FIGURES_EXPERIMENT, log_figure_run, tracking_uri
 
 
 class RequestError(ValueError):
@@ -132,7 +132,7 @@ def main() -> None:
                         help="distracting_cs without DAVIS videos (results are named ..._no_background)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=16, help="agent steps after the reset (pairs = steps + 1)")
-    parser.add_argument("--bn", choices=diagnostics.BN_CHOICES, default="per_observation",
+    parser.add_argument("--bn", choices=diagnostics.BN_STATISTICS, default="per_observation",
                         help="PIE-G's BatchNorm statistics (per_observation: the benchmark evaluation's)")
     parser.add_argument("--frame-stack", type=int, default=3, help="with --weights")
     parser.add_argument("--image-size", type=int, default=84, help="with --weights")
@@ -177,8 +177,8 @@ def main() -> None:
         metrics = {f"feature_shift/{name}/{row['name']}": row["shift"][name] for row in rows for name in encoders}
         params = {"task": args.task, "modes": ",".join(args.modes), "seed": args.seed, "steps": args.steps,
                   "bn": args.bn, **{f"encoder.{name}": source for name, source in sources.items()}}
-        run_id = diagnostics.log_figure_run(uri, f"feature_shift-{args.task}", params, metrics, [out, markdown])
-        print(f"logged to MLflow run {run_id} (experiment {diagnostics.FIGURES_EXPERIMENT!r}, {uri})")
+        run_id = log_figure_run(uri, f"feature_shift-{args.task}", params, metrics, [out, markdown])
+        print(f"logged to MLflow run {run_id} (experiment {FIGURES_EXPERIMENT!r}, {uri})")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from pathlib import Path
 import lightning_pieg  # noqa: F401  (torch before dm_control's EGL renderer: see lightning_pieg/__init__.py)
 import numpy as np
 
-from lightning_pieg import diagnostics, envs
+from lightning_pieg import envs
 from lightning_pieg.envs.distracting import reported_name
 from lightning_pieg.envs.dmcgb import RandomColors, VideoBackground
 from lightning_pieg.envs.wrappers import Wrapper
-from lightning_pieg.tracking import tracking_uri
+from lightning_pieg.tracking import FIGURES_EXPERIMENT, log_figure_run, tracking_uri
 
 DOMAIN_TASKS = {"walker": "walker_walk", "cheetah": "cheetah_run", "cartpole": "cartpole_swingup",
                 "finger": "finger_spin", "ball_in_cup": "cup_catch"}
@@ -146,8 +146,8 @@ def main() -> None:
         params = {"domains": ",".join(args.domains), "size": args.size, "seed": args.seed, "steps": args.steps,
                   "dmcgb_dir": args.dmcgb_dir, "davis_dir": args.davis_dir,
                   "skipped": ",".join(skipped) or "none"}
-        run_id = diagnostics.log_figure_run(tracking_uri(args.tracking_uri), "montage_modes", params, {}, [out])
-        print(f"logged to MLflow run {run_id} (experiment {diagnostics.FIGURES_EXPERIMENT!r})")
+        run_id = log_figure_run(tracking_uri(args.tracking_uri), "montage_modes", params, {}, [out])
+        print(f"logged to MLflow run {run_id} (experiment {FIGURES_EXPERIMENT!r})")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_measuring_moves_no_batchnorm_statistics_and_keeps_the_phase(encoders):
     encoder = encoders["pieg"].train()
     buffers = {name: buffer.clone() for name, buffer in encoder.named_buffers()}
     observations = np.random.default_rng(1).integers(0, 256, (2, *OBS_SHAPE), dtype=np.uint8)
-    for bn in diagnostics.BN_CHOICES:
+    for bn in diagnostics.BN_STATISTICS:
         feature_shift(encoder, [(observations[0], observations[1])], bn=bn)
     for name, buffer in encoder.named_buffers():
         assert torch.equal(buffer, buffers[name]), name

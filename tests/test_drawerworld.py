@@ -10,7 +10,7 @@ import lightning_pieg  # noqa: F401  (torch before dm_control)
 from lightning_pieg import envs
 from lightning_pieg.envs import drawerworld
 from lightning_pieg.envs.wrappers import ActionRepeat, ActionScale
-from lightning_pieg.evaluation import Episode, EpisodeMetrics, run_episode
+from lightning_pieg.rollouts import Episode, EpisodeMetrics, run_episode
 
 
 def success_rate(episodes: list[Episode]) -> float:

@@ -20,9 +20,9 @@ from hydra import initialize_config_dir
 import lightning_pieg  # noqa: F401  (torch before dm_control)
 from conftest import CONF_DIR, TINY
 from lightning_pieg import envs
-from lightning_pieg import evaluate as evaluate_module
+from lightning_pieg import generalization
 from lightning_pieg.evaluate import EvaluateError, evaluate
-from lightning_pieg.evaluation import Episode, EpisodeMetrics, EpisodeStarts, run_episode, run_lockstep
+from lightning_pieg.rollouts import Episode, EpisodeMetrics, EpisodeStarts, run_episode, run_lockstep
 from lightning_pieg.module import PIEGModule
 from lightning_pieg.policy import CheckpointError
 from lightning_pieg.train import ConfigError, train
@@ -83,8 +83,8 @@ def test_cli_logs_into_the_training_run_and_writes_table_and_videos(trained, dat
     root, checkpoint, run_id, uri = trained
     out = tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={checkpoint}", "modes=[train,video_easy]",
-         "episodes=3", "num_envs=2", f"env.time_limit={SHORT}", f"dmcgb_dir={data_dir}", f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={checkpoint}", "eval.modes=[train,video_easy]",
+         "episodes=3", "num_envs=2", f"env.time_limit={SHORT}", f"eval.dmcgb_dir={data_dir}", f"hydra.run.dir={out}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| video_easy | 3 |" in result.stdout and "| mode | episodes | mean | std | success rate |" in result.stdout
@@ -143,12 +143,12 @@ def test_requests_that_cannot_work_fail_before_any_work(trained, tmp_path, monke
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the request was checked")
 
-    monkeypatch.setattr(evaluate_module, "load_module", no_work)
+    monkeypatch.setattr(generalization, "load_module", no_work)
     monkeypatch.setattr(envs, "make", no_work)
-    with pytest.raises(EvaluateError, match=r"unknown mode 'not_a_mode' for task cartpole_balance.*video_hard"):
-        evaluate(eval_config(f"checkpoint={checkpoint}", "modes=[train,not_a_mode]"), output_dir=tmp_path)
-    with pytest.raises(EvaluateError, match="unknown mode 'not_a_mode'"):  # checked from the run's params
-        evaluate(eval_config(f"checkpoint={run_id}", f"mlflow.tracking_uri={uri}", "modes=[not_a_mode]"),
+    with pytest.raises(EvaluateError, match=r"(?i)unknown mode 'not_a_mode' for task cartpole_balance.*video_hard"):
+        evaluate(eval_config(f"checkpoint={checkpoint}", "eval.modes=[train,not_a_mode]"), output_dir=tmp_path)
+    with pytest.raises(EvaluateError, match="(?i)unknown mode 'not_a_mode'"):  # checked from the run's params
+        evaluate(eval_config(f"checkpoint={run_id}", f"mlflow.tracking_uri={uri}", "eval.modes=[not_a_mode]"),
                  output_dir=tmp_path)
     assert not (tmp_path / "checkpoint").exists()  # nothing downloaded
     broken = tmp_path / "frame_000000100.ckpt"
@@ -162,13 +162,13 @@ def test_requests_that_cannot_work_fail_before_any_work(trained, tmp_path, monke
     with pytest.raises(EvaluateError, match="episodes=0"):
         evaluate(eval_config(f"checkpoint={checkpoint}", "episodes=0"), output_dir=tmp_path)
     with pytest.raises(EvaluateError, match="distracting_intensity=0.7"):
-        evaluate(eval_config(f"checkpoint={checkpoint}", "modes=[distracting_cs]", "distracting_intensity=0.7"),
+        evaluate(eval_config(f"checkpoint={checkpoint}", "eval.modes=[distracting_cs]", "eval.distracting_intensity=0.7"),
                  output_dir=tmp_path)
     monkeypatch.undo()
-    monkeypatch.setattr(evaluate_module, "load_module", no_work)  # the data check builds environments: allowed
+    monkeypatch.setattr(generalization, "load_module", no_work)  # the data check builds environments: allowed
     missing = tmp_path / "no_dmcgb_here"
     with pytest.raises(EvaluateError, match=f"mode video_hard: .*{missing}.*lightning_pieg.dmcgb_data fetch"):
-        evaluate(eval_config(f"checkpoint={checkpoint}", "modes=[train,video_hard]", f"dmcgb_dir={missing}"),
+        evaluate(eval_config(f"checkpoint={checkpoint}", "eval.modes=[train,video_hard]", f"eval.dmcgb_dir={missing}"),
                  output_dir=tmp_path)
 
 
@@ -184,7 +184,9 @@ def test_cli_error_is_one_line_and_exit_status_2(tmp_path):
                                        ("drawer_close", "train")])
 def test_lockstep_batches_give_the_returns_of_one_environment_at_a_time(task, mode, data_dir):
     # drawer_close exposes no reset state (its workers replay the resets) and reports success
-    options = {"time_limit": 0.2 if task != "drawer_close" else 0.125, "dmcgb_dir": str(data_dir)}
+    options = {"time_limit": 0.2} if task != "drawer_close" else {"time_limit": 0.125}
+    if mode.startswith("video"):
+        options["dmcgb_dir"] = str(data_dir)
     reference = envs.make(task, mode, seed=43, **options)
     module = tiny_module(reference.action_spec().shape[0])
     act = batch_act(module)
@@ -197,7 +199,9 @@ def test_lockstep_batches_give_the_returns_of_one_environment_at_a_time(task, mo
         env.close()
     rewards = [e.reward for e in sequential]
     assert len(set(rewards)) == 4  # four different episodes, not one replayed
-    np.testing.assert_allclose([e.reward for e in lockstep], rewards, rtol=1e-5)
+    # rtol 1e-4, not 1e-5: a batch of 3 and a batch of 1 take different oneDNN kernels, and walker's contacts amplify
+    # their last-bit differences to ~1e-5 of the return over 10 steps (the same on HEAD before this change)
+    np.testing.assert_allclose([e.reward for e in lockstep], rewards, rtol=1e-4)
     assert [e.length for e in lockstep] == [e.length for e in sequential]
     assert [e.success for e in lockstep] == [e.success for e in sequential]
     assert (sequential[0].success is not None) == (task == "drawer_close")
@@ -284,7 +288,7 @@ def test_training_evaluates_generalization_modes_with_their_batchnorm(tmp_path, 
 
 
 def test_training_rejects_bad_eval_settings_before_any_work(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match=r"eval.modes=.*unknown mode 'nope' for task cartpole_balance"):
+    with pytest.raises(ConfigError, match=r"(?i)eval.modes.*unknown mode 'nope' for task cartpole_balance"):
         train(train_config(tmp_path, "eval.modes=[train,nope]"))
     with pytest.raises(ConfigError, match="eval.bn='batch'"):
         train(train_config(tmp_path, "eval.bn=batch"))
@@ -312,8 +316,8 @@ def test_cli_gives_table_and_metrics_for_every_benchmark_mode(trained, tmp_path_
     copy.with_suffix(".json").write_text(json.dumps({**meta, "mlflow_run_id": None}))
     store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "eval"
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={copy}", f"modes=[{','.join(PAPER_MODES)}]",
-         "episodes=2", "num_envs=2", "env.time_limit=0.2", f"dmcgb_dir={data}", f"davis_dir={davis}",
+        [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={copy}", f"eval.modes=[{','.join(PAPER_MODES)}]",
+         "episodes=2", "num_envs=2", "env.time_limit=0.2", f"eval.dmcgb_dir={data}", f"eval.davis_dir={davis}",
          "video=false", f"mlflow.tracking_uri={store}", f"hydra.run.dir={out}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr

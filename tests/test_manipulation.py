@@ -143,7 +143,7 @@ def test_bad_options_name_the_option():
 def test_lockstep_evaluation_replays_the_sequential_episodes():
     """Composer envs draw more on their first reset than later: fresh lockstep workers must still start each
     episode where one environment run back to back does (and a resumed collector likewise)."""
-    from lightning_pieg.evaluation import EpisodeStarts, run_episode, run_lockstep
+    from lightning_pieg.rollouts import EpisodeStarts, run_episode, run_lockstep
 
     make = lambda: envs.make("reach_duplo", "train", seed=5, time_limit=0.2)  # noqa: E731  (3 agent steps)
     act = lambda observations: np.zeros((len(observations), 9), np.float32)  # noqa: E731

@@ -90,8 +90,10 @@ def test_resumed_run_continues_with_the_same_losses(compose, tmp_path, agent):
 
 def test_resume_without_replay_refills_before_updating(compose, tmp_path):
     run_id, full = run(compose("num_train_frames=300", "checkpoint_every_frames=100"), tmp_path, "full")
+    for final in (tmp_path / "checkpoints").glob("frame_000000300.*"):  # as if killed before the end: a finished
+        final.unlink()                                                  # run is not resumed (test_reliability)
     _, resumed = run(compose("num_train_frames=300", "checkpoint_every_frames=100", "resume=last"), tmp_path, "r")
-    # resume=last picks frame 200 (the final checkpoint is weights-only); 40 seed frames are collected again
+    # resume=last picks frame 200, the newest periodic checkpoint; 40 seed frames are collected again
     assert resumed.losses[0][0] == 240
 
 

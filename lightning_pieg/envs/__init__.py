@@ -6,15 +6,18 @@ takes actions in [-1, 1], and exposes the last step's extra information as ``env
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import dm_env
 
+from lightning_pieg.envs.options import check_known
 from lightning_pieg.envs.rendering import RenderingError, load_gl, select_backend  # noqa: F401
 from lightning_pieg.envs.wrappers import Wrapper
 
 select_backend()
 
-# Task family modules, each with ``TASKS`` (names) and ``MODES`` (evaluation modes) and a ``make`` function.
+# Task family modules, each with ``TASKS`` (names), ``MODES`` (evaluation modes), ``OPTIONS`` (the ``make`` options
+# it takes besides ``options.COMMON_OPTIONS``) and a ``make`` function.
 FAMILIES = ("lightning_pieg.envs.suite", "lightning_pieg.envs.manipulation", "lightning_pieg.envs.drawerworld")
 
 
@@ -41,8 +44,16 @@ def _family_of(task: str):
 def check(task: str, mode: str = "train") -> None:
     """Raise a clear ``ValueError`` for an unknown task or mode, without building anything."""
     family = _family_of(task)
+    for package, install in getattr(family, "REQUIRES", {}).items():
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"task {task} needs the {package} package, which is not installed: {install}")
     if mode not in family.MODES:
-        raise ValueError(f"Unknown mode {mode!r} for task {task!r}. Valid modes: {', '.join(sorted(family.MODES))}.")
+        raise ValueError(f"Unknown mode {mode!r} for task {task}. Valid modes: {', '.join(sorted(family.MODES))}.")
+
+
+def check_options(task: str, options: dict) -> None:
+    """Raise a clear ``ValueError`` for an option ``task``'s family does not take, without building anything."""
+    check_known(task, options, _family_of(task).OPTIONS)
 
 
 def make(task: str, mode: str = "train", seed: int = 0, **options) -> dm_env.Environment:
@@ -52,6 +63,7 @@ def make(task: str, mode: str = "train", seed: int = 0, **options) -> dm_env.Env
     mode-specific settings such as data directories.
     """
     check(task, mode)
+    check_options(task, options)
     return _family_of(task).make(task, mode=mode, seed=seed, **options)
 
 
@@ -97,3 +109,14 @@ def set_reset_state(env: dm_env.Environment, states: list) -> None:
             layer.load_reset_state(state)
         else:
             _base_random(layer).set_state(state)
+
+
+def restore_reset_state(env: dm_env.Environment, states: list, later_reset_on_fresh_env: bool) -> None:
+    """``set_reset_state`` for an environment whose next ``reset()`` should replay a saved reset.
+
+    dm_control's composer environments (``reach_duplo``) draw more on their very first reset than on later ones:
+    when the saved state is of a later reset and this environment has never been reset, it is reset once first.
+    """
+    if later_reset_on_fresh_env:
+        env.reset()
+    set_reset_state(env, states)

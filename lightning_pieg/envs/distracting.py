@@ -13,7 +13,6 @@ generator seeded by the environment seed. ``reported_name`` gives the name resul
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dm_env
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from lightning_pieg.envs.dmcgb import upload_textures
+from lightning_pieg.envs.options import data_path
 from lightning_pieg.envs.wrappers import Mode, Wrapper
 
 MODE = "distracting_cs"
@@ -96,22 +96,13 @@ def reported_name(mode: str, options: dict) -> str:
 
 def davis_frames_dir(options: dict) -> Path:
     """The DAVIS ``JPEGImages/480p`` folder from ``davis_dir`` or ``$DAVIS_DIR`` (the DAVIS root works too)."""
-    configured = options.get(DIR_OPTION) or os.environ.get(DIR_ENV_VAR)
-    if not configured:
-        raise FileNotFoundError(
-            f"{MODE} shows DAVIS videos on the sky and needs the DAVIS 2017 frames (JPEGImages/480p), and none are "
-            f"configured. Pass {DIR_OPTION}=<DAVIS dir> to lightning_pieg.envs.make (config field {DIR_OPTION}) or "
-            f"set {DIR_ENV_VAR}=<DAVIS dir> (get {DAVIS_DOWNLOAD}), or run without the background with "
-            f"{BACKGROUND_OPTION}=False (results are then named {MODE}_<intensity>_no_background)."
-        )
-    path = Path(configured).expanduser()
-    if (path / DAVIS_FRAMES_SUBDIR).is_dir():
-        path = path / DAVIS_FRAMES_SUBDIR
-    if not path.is_dir():
-        source = f"option {DIR_OPTION}" if options.get(DIR_OPTION) else f"environment variable {DIR_ENV_VAR}"
-        raise FileNotFoundError(f"DAVIS folder {str(path)!r} (from the {source}) does not exist. Point it at the "
-                                f"DAVIS 2017 folder or its JPEGImages/480p folder ({DAVIS_DOWNLOAD}).")
-    return path
+    path = data_path(options, DIR_OPTION, DIR_ENV_VAR, missing=(
+        f"{MODE} shows DAVIS videos on the sky and needs the DAVIS 2017 frames (JPEGImages/480p), and none are "
+        f"configured. Pass {DIR_OPTION}=<DAVIS dir> to lightning_pieg.envs.make (config field eval.{DIR_OPTION}) or "
+        f"set {DIR_ENV_VAR}=<DAVIS dir> (get {DAVIS_DOWNLOAD}), or run without the background with "
+        f"{BACKGROUND_OPTION}=False (results are then named {MODE}_<intensity>_no_background)."),
+        fix=f"Point it at the DAVIS 2017 folder or its JPEGImages/480p folder ({DAVIS_DOWNLOAD}).")
+    return path / DAVIS_FRAMES_SUBDIR if (path / DAVIS_FRAMES_SUBDIR).is_dir() else path
 
 
 def background_videos(frames_dir: Path, intensity: float) -> list[list[Path]]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from numpy._core.multiarray import _reconstruct  # numpy's array-unpickling helper, named in the colour files
 
+from lightning_pieg.envs.options import data_path
 from lightning_pieg.envs.wrappers import Mode, Wrapper
 
 DIR_OPTION = "dmcgb_dir"
@@ -57,21 +58,12 @@ SKYBOX_TEXTURE, FLOOR_TEXTURE, BODY_MATERIAL = "skybox", "grid", "self"
 # --------------------------------------------------------------------------------------------------- data location
 def data_dir(options: dict) -> Path:
     """The DMC-GB data directory from the ``dmcgb_dir`` option, else ``$DMCGB_DIR``; a clear error if neither exists."""
-    configured = options.get(DIR_OPTION) or os.environ.get(DIR_ENV_VAR)
-    if not configured:
-        raise FileNotFoundError(
-            f"The DMC-GB modes need the benchmark's data directory, and none is configured. Pass "
-            f"{DIR_OPTION}=<dir> to lightning_pieg.envs.make (config field {DIR_OPTION}) or set the environment "
-            f"variable {DIR_ENV_VAR}=<dir>. Get the files with: {FETCH_COMMAND.format(path='<dir>')}"
-        )
-    path = Path(configured).expanduser()
-    if not path.is_dir():
-        source = f"option {DIR_OPTION}" if options.get(DIR_OPTION) else f"environment variable {DIR_ENV_VAR}"
-        raise FileNotFoundError(
-            f"DMC-GB data directory {str(path)!r} (from the {source}) does not exist. Get the files with: "
-            f"{FETCH_COMMAND.format(path=path)}"
-        )
-    return path
+    configured = options.get(DIR_OPTION) or os.environ.get(DIR_ENV_VAR) or "<dir>"
+    return data_path(options, DIR_OPTION, DIR_ENV_VAR, missing=(
+        f"The DMC-GB modes need the benchmark's data directory, and none is configured. Pass "
+        f"{DIR_OPTION}=<dir> to lightning_pieg.envs.make (config field eval.{DIR_OPTION}) or set the environment "
+        f"variable {DIR_ENV_VAR}=<dir>. Get the files with: {FETCH_COMMAND.format(path='<dir>')}"),
+        fix=f"Get the DMC-GB files with: {FETCH_COMMAND.format(path=Path(configured).expanduser())}")
 
 
 def missing_file_error(path: Path, directory: Path) -> FileNotFoundError:

@@ -40,10 +40,13 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from lightning_pieg.envs.options import data_path
 from lightning_pieg.envs.wrappers import pixel_env
 
 TASKS = ("drawer_close",)
 MODES = ("train", "wood", "metal", "blanket", "blanket_generated")
+OPTIONS = frozenset({"blanket_path"})
+REQUIRES = {"metaworld": "pip install -e '.[drawerworld]'"}  # package -> how to install it
 
 ENV_NAME = "drawer-close-v3"
 EPISODE_STEPS = 200  # environment steps
@@ -164,17 +167,16 @@ def metaworld_texture(name: str) -> Path:
 
 def blanket_file(blanket_path: str | os.PathLike | None = None) -> Path:
     """Drawer World's ``blanket.png`` from ``blanket_path`` or ``$DRAWERWORLD_BLANKET``; a clear error if neither."""
-    given = blanket_path or os.environ.get(BLANKET_ENV_VAR)
-    if not given:
-        raise ValueError(
+    try:
+        return data_path({"blanket_path": blanket_path}, "blanket_path", BLANKET_ENV_VAR, kind="file", missing=(
             "Mode 'blanket' needs Drawer World's blanket.png, which this project does not ship (it has no stated "
             f"licence). Pass its path as option blanket_path (Hydra: env.blanket_path=/path/to/blanket.png) or set "
-            f"{BLANKET_ENV_VAR}=/path/to/blanket.png. Mode 'blanket_generated' uses a generated texture instead."
-        )
-    path = Path(given).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Blanket texture {str(path)!r} does not exist; fix blanket_path or {BLANKET_ENV_VAR}.")
-    return path
+            f"{BLANKET_ENV_VAR}=/path/to/blanket.png. Mode 'blanket_generated' uses a generated texture instead."),
+            fix=f"Fix blanket_path or {BLANKET_ENV_VAR}.")
+    except FileNotFoundError as error:
+        if blanket_path or os.environ.get(BLANKET_ENV_VAR):
+            raise
+        raise ValueError(str(error)) from None
 
 
 def texture_attributes(mode: str, blanket_path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -419,8 +421,6 @@ def make(
 ) -> dm_env.Environment:
     """``drawer_close`` from the top-down camera: uint8 ``(3 * frame_stack, image_size, image_size)`` observations,
     actions in [-1, 1], ``env.info`` with ``success`` and ``state``. ``blanket_path``: Drawer World's blanket.png for
-    mode ``blanket``; ``time_limit``: seconds per episode (None: 200 steps). Unknown ``options`` are ignored."""
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r} for the Drawer World family. Valid tasks: {', '.join(TASKS)}.")
+    mode ``blanket``; ``time_limit``: seconds per episode (None: 200 steps)."""
     base = DrawerWorld(mode, seed, time_limit, max(image_size, MIN_FRAMEBUFFER), blanket_path)
     return pixel_env(base, base.render, action_repeat=action_repeat, image_size=image_size, frame_stack=frame_stack)

@@ -41,6 +41,7 @@ DEFAULT_SCALES: dict[str, tuple[float, tuple[float, float, float]]] = {
     "deformed": (1.5, (1.5, 1.0, 1.5)),
     "deformed_thin": (0.6, (0.7, 1.3, 0.7)),
 }
+OPTIONS = frozenset(f"{mode}_{part}_scale" for mode in DEFAULT_SCALES for part in ("arm", "brick"))
 
 # The link's long axis in each Jaco mesh file's frame (the axis the thickness factor leaves alone). The bounding box
 # gives it for all but the hand's collar (``hand_3finger_insert``), which is flat but sits around the hand's long axis.
@@ -69,8 +70,6 @@ def deformation(mode: str, options: dict[str, Any]) -> Deformation:
     """The deformation of ``mode`` from ``options`` (``<mode>_arm_scale``, ``<mode>_brick_scale``) or the defaults."""
     if mode == "train":
         return Deformation()
-    if mode not in DEFAULT_SCALES:
-        raise ValueError(f"Unknown mode {mode!r} for reach_duplo. Valid modes: {', '.join(MODES)}.")
     arm_default, brick_default = DEFAULT_SCALES[mode]
     arm = options.get(f"{mode}_arm_scale", arm_default)
     brick = options.get(f"{mode}_brick_scale", brick_default)
@@ -261,11 +260,7 @@ def make(
 ) -> dm_env.Environment:
     """``reach_duplo`` from the ``front_close`` camera: uint8 ``(3 * frame_stack, image_size, image_size)``
     observations, actions in [-1, 1]. ``options``: ``<mode>_arm_scale``, ``<mode>_brick_scale``, ``time_limit``
-    (seconds per episode; None: 10); others are ignored."""
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r} for the manipulation family. Valid tasks: {', '.join(TASKS)}.")
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r} for task {task!r}. Valid modes: {', '.join(MODES)}.")
+    (seconds per episode; None: 10)."""
     base = build(mode, seed, **options)
     check_render(base.physics)
     # ``base.physics`` is looked up per frame: composer replaces its Physics when it compiles the model at reset.

@@ -35,6 +35,7 @@ TASKS: dict[str, tuple[str, str]] = {
 CAMERAS = {"quadruped": 2}
 
 MODES: dict[str, Mode] = {"train": Mode(), **dmcgb.MODES, **distracting.MODES}
+OPTIONS = frozenset({dmcgb.DIR_OPTION, distracting.DIR_OPTION, distracting.INTENSITY_OPTION, distracting.BACKGROUND_OPTION})
 
 
 def make(

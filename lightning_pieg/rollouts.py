@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from lightning_pieg.envs import get_reset_state, set_reset_state
+from lightning_pieg.envs import get_reset_state, restore_reset_state
+
+EVAL_SEED_OFFSET = 42  # evaluation environments are seeded with the training seed + 42, as the authors'
+EVAL_RANK_SEED_STRIDE = 10_000  # under DDP, process r evaluates with seed + 42 + r * stride
 
 
 @dataclass
@@ -87,11 +90,7 @@ class _Worker:
 
     def start(self, index: int, starts: EpisodeStarts, record: bool) -> None:
         state, first_observation = starts[index]
-        if index > 0 and self.resets == 0:
-            # dm_control's composer envs (reach_duplo) draw more on their very first reset than on later ones:
-            # the reference's reset ``index`` was a later one, so warm this environment up first
-            self.env.reset()
-        set_reset_state(self.env, state)
+        restore_reset_state(self.env, state, later_reset_on_fresh_env=index > 0 and self.resets == 0)
         self.time_step = self.env.reset()
         self.resets = index + 1
         if not np.array_equal(self.time_step.observation, first_observation):
@@ -142,6 +141,12 @@ def run_lockstep(envs: Sequence[dm_env.Environment], act: Callable[[np.ndarray],
     return episodes
 
 
+def evaluation_seed(training_seed: int, rank: int = 0) -> int:
+    """The seed of evaluation environments: the training seed + 42, as the authors evaluate; under DDP, process
+    ``rank`` adds ``rank * EVAL_RANK_SEED_STRIDE`` so that processes play different episodes."""
+    return training_seed + EVAL_SEED_OFFSET + rank * EVAL_RANK_SEED_STRIDE
+
+
 def episodes_per_process(num_episodes: int, world_size: int) -> int:
     """Episodes each process plays so that together they play at least ``num_episodes``."""
     return math.ceil(num_episodes / max(world_size, 1))
@@ -176,8 +181,3 @@ class EpisodeMetrics:
     def count(self) -> int:
         """Episodes aggregated (over every process)."""
         return int(self.rewards.compute().numel())
-
-    def reset(self) -> None:
-        for metric in (self.rewards, self.lengths, self.successes):
-            metric.reset()
-        self._reports_success = False
