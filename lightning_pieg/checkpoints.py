@@ -141,7 +141,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).split("\n")[0][:300]
+        lines = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = (lines[0] if lines else "objects other than tensors")[:300]  # not torch's advice to load anyway
         raise CheckpointError(f"refusing to load {str(path)!r}: it holds Python objects that loading would have "
                               f"to execute ({reason}). lightning_pieg checkpoints hold only tensors and plain data; "
                               f"do not use this file.") from None

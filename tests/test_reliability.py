@@ -104,7 +104,7 @@ def test_a_checkpoint_that_would_run_a_command_is_refused_everywhere(trained, tm
                  output_dir=tmp_path / "e2")
     # resume= (a periodic checkpoint, so that the request itself is valid)
     hostile_periodic = hostile_copy(periodic, tmp_path / "hostile_periodic" / "checkpoints", marker)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(UserError, match="refusing to load"):
         train(train_config(tmp_path / "hostile_periodic", f"resume={hostile_periodic}", "num_train_frames=300"),
               output_dir=tmp_path / "t")
     assert not marker.exists()
