@@ -248,8 +248,10 @@ class FrameCheckpoint(pl.Callback):
         self._marks.start(_stream(trainer).collector.frame)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        collector = _stream(trainer).collector
-        if updated(outputs) and self._marks.due(collector.frame) and collector.at_fresh_episode:
+        datamodule = _stream(trainer)
+        collector = datamodule.collector
+        if (updated(outputs) and self._marks.due(collector.frame) and collector.at_fresh_episode
+                and datamodule.stream.updates_left_this_step == 0):
             self.save(trainer)
             self._marks.done(collector.frame)
 

@@ -268,6 +268,13 @@ def compare_configs(saved: dict, requested: dict, checkpoint: Path) -> dict[str,
             raise CheckpointError(f"resume={checkpoint}: the checkpoint was trained with {key}={old!r}, this run asks "
                                   f"for {key}={new!r}; resume with {key}={old!r}, or start a new run (another "
                                   f"checkpoint_dir or seed).")
+    def environments(config: dict) -> int:  # collector.num_envs=0 (and checkpoints before it) is one environment
+        return max(int(_get(config, "collector.num_envs") or 0), 1)
+
+    if saved and environments(saved) != environments(requested):
+        raise CheckpointError(f"resume={checkpoint}: the checkpoint's collector ran {environments(saved)} "
+                              f"environment(s), this run asks for {environments(requested)}; resume with "
+                              f"collector.num_envs={_get(saved, 'collector.num_envs') or 0}.")
     ignored = ("resume", "frames")
     old_flat, new_flat = _flat(saved), _flat(requested)
     return {key: (old_flat.get(key), value) for key, value in new_flat.items()

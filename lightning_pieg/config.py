@@ -85,6 +85,12 @@ class TrainerConfig:
 
 
 @dataclass
+class CollectorConfig:
+    num_envs: int = rule(1, low=0, high=64, hint=" (0: one environment in this process)")
+    worker_timeout_s: float = rule(120.0, low=0.0, low_open=True)
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "lightning_pieg"
     tracking_uri: Optional[str] = None
@@ -120,6 +126,7 @@ class TrainConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     env: Dict[str, Any] = field(default_factory=dict)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
     frames: Any = "preset"
     checkpoint_dir: str = "checkpoints"
     checkpoint_every_frames: int = rule(100_000, low=0)

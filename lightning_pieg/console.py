@@ -13,6 +13,10 @@ class UserError(ValueError):
     and the fix, and the command line prints it as one line and exits with status 2, no traceback."""
 
 
+class Fault(RuntimeError):
+    """A failure of the run rather than of the request (an environment worker died): one line, exit status 1."""
+
+
 def say(message: str) -> None:
     print(f"{PREFIX} {message}", flush=True)
 
@@ -36,3 +40,5 @@ def run_cli(main: Callable[[], object]) -> object:
         return main()
     except user_errors() as error:
         fail(" ".join(str(error).split()))  # one line, whatever the message's layout
+    except Fault as error:
+        fail(" ".join(str(error).split()), status=1)

@@ -1,6 +1,7 @@
 """The data stream: an IterableDataset that runs the collector and yields replay samples when an update is due."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_pieg.collector import Collector
-from lightning_pieg.replay import Replay
+from lightning_pieg.replay import StreamReplay
 
 Batch = tuple[torch.Tensor, ...]  # obs, action, reward, discount, next_obs, agent step
 
@@ -38,9 +39,11 @@ def from_checkpoint(value):
 
 
 class ReplayStream(IterableDataset):
-    """Interleaves collection and updates exactly as DrQ-v2's loop: at each agent step ``s`` choose the action,
-    yield a batch if an update is due (``s >= first_update_step`` and ``s % update_every_steps == 0``), then step
-    the env. Iteration ends when the run's agent-step budget is spent, so a run stops at its frame budget.
+    """Interleaves collection and updates exactly as DrQ-v2's loop: at each vector step (one agent step of every
+    environment, global steps ``s .. s + N - 1``) choose the actions, send them to the environments, yield a batch
+    for every step ``t`` of them with an update due (``t >= first_update_step`` and ``t % update_every_steps == 0``)
+    while the environments step, then record the step. Iteration ends when the run's agent-step budget is spent,
+    so a run stops at its frame budget (the first multiple of ``N`` agent steps at or beyond it).
 
     The learner must not prefetch: consume it with ``training_step(self, dataloader_iter)``.
     """
@@ -52,9 +55,11 @@ class ReplayStream(IterableDataset):
         self.update_every_steps, self.first_update_step, self.total_steps = (
             update_every_steps, first_update_step, total_steps)
         self.stop_requested: str | None = None  # set (to the signal's name) to end at the next episode start
+        self.updates_left_this_step = 0  # a checkpoint waits until the vector step's updates are all done
+        self.sample_seconds = 0.0
 
     def update_due(self, step: int) -> bool:
-        return step >= self.first_update_step and step % self.update_every_steps == 0
+        return self.first_update_step <= step < self.total_steps and step % self.update_every_steps == 0
 
     def num_updates(self, from_step: int = 0) -> int:
         return sum(1 for step in range(from_step, self.total_steps) if self.update_due(step))
@@ -62,13 +67,19 @@ class ReplayStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         collector = self.collector
         while collector.stats.step < self.total_steps:
-            if collector.pending_action is None:  # a resumed stream starts after its last update, action chosen
+            if collector.pending_action is None:  # a resumed stream starts after its last update, actions chosen
                 collector.prepare()
                 if self.stop_requested and collector.at_fresh_episode:
                     return  # a resumable point: the checkpoint callback writes it at the end of training
-                step = collector.stats.step
-                if self.update_due(step):
-                    yield (*collector.replay.sample(self.batch_size), torch.tensor(step))
+                collector.launch()
+                start = collector.stats.step
+                due = [step for step in range(start, start + collector.num_envs) if self.update_due(step)]
+                for left, step in zip(range(len(due) - 1, -1, -1), due):
+                    self.updates_left_this_step = left
+                    started = time.perf_counter()
+                    batch = (*collector.replay.sample(self.batch_size), torch.tensor(step))
+                    self.sample_seconds += time.perf_counter() - started
+                    yield batch
             collector.advance()
 
 
@@ -85,7 +96,7 @@ class ReplayDataModule(pl.LightningDataModule):
         return self.stream.collector
 
     @property
-    def replay(self) -> Replay:
+    def replay(self) -> StreamReplay:
         return self.stream.collector.replay
 
     def train_dataloader(self) -> DataLoader:
@@ -97,8 +108,9 @@ class ReplayDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         if not self.collector.at_fresh_episode:
             return {"resumable": False}  # e.g. the final weights-only checkpoint, saved mid-episode
-        state = {"resumable": True, "collector": self.collector.state_dict(), "first_update_step": self.stream.first_update_step,
-                 "torch_rng": torch.get_rng_state(), "replay_rng": self.replay.rng.bit_generator.state}
+        state = {"resumable": True, "collector": self.collector.state_dict(),
+                 "first_update_step": self.stream.first_update_step, "torch_rng": torch.get_rng_state(),
+                 "replay_rngs": [stream.rng.bit_generator.state for stream in self.replay.streams]}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return to_checkpoint(state)
@@ -114,7 +126,9 @@ class ReplayDataModule(pl.LightningDataModule):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.replay_restored:
             self.stream.first_update_step = state["first_update_step"]
-            self.replay.rng.bit_generator.state = state["replay_rng"]
+            rngs = state.get("replay_rngs") or [state["replay_rng"]]  # one stream before collector.num_envs
+            for stream, rng in zip(self.replay.streams, rngs):
+                stream.rng.bit_generator.state = rng
         else:
             # An empty replay is refilled before learning resumes, with as many steps as a fresh run's seed phase.
             self.stream.first_update_step = self.collector.stats.step + self.seed_steps

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -86,17 +86,46 @@ class PIEGModule(pl.LightningModule):
         return action[0].cpu().numpy()
 
     @torch.no_grad()
+    def explore(self, observations: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Exploration actions for a batch of uint8 observations taken at agent steps ``steps``: a noisy sample at
+        each step's scheduled stddev, or uniform noise for steps before ``num_expl_steps``; running BatchNorm
+        statistics. One observation at step ``s`` draws exactly what ``act(observation, s, explore=True)`` draws."""
+        was_training = self.training
+        self.eval()
+        try:
+            obs = torch.as_tensor(observations, device=self.device).float()
+            std = torch.tensor([[stddev_at(self.hparams.stddev_schedule, int(s))] for s in steps], device=self.device)
+            with self.acting_precision():
+                action = self.actor(self.encoder(obs), std).sample(clip=None).float()
+            uniform = torch.as_tensor(np.asarray(steps) < self.hparams.num_expl_steps, device=self.device)
+            if uniform.any():
+                noise = torch.empty_like(action).uniform_(-1.0, 1.0)
+                action = torch.where(uniform[:, None], noise, action)
+        finally:
+            self.train(was_training)
+        return action.cpu().numpy()
+
+    def acting_precision(self):
+        """bf16 autocast while acting when the trainer trains in bf16 (the act reads PIE-G's 250 MB head), else
+        nothing."""
+        precision = str(getattr(self._trainer, "precision", "32") if self._trainer is not None else "32")
+        if precision.startswith("bf16"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.no_grad()
     def act_batch(self, observations: torch.Tensor, per_observation_bn: bool = False) -> torch.Tensor:
         """Mean actions for a batch of observations (evaluation); optionally with per-observation BatchNorm."""
         was_training = self.training
         self.eval()
         try:
-            if per_observation_bn:
-                with self.encoder.per_observation_statistics():
+            with self.acting_precision():
+                if per_observation_bn:
+                    with self.encoder.per_observation_statistics():
+                        features = self.encoder(observations.float())
+                else:
                     features = self.encoder(observations.float())
-            else:
-                features = self.encoder(observations.float())
-            return self.actor(features, 1.0).mean
+                return self.actor(features, 1.0).mean.float()
         finally:
             self.train(was_training)
 

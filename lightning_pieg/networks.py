@@ -77,9 +77,10 @@ class Actor(nn.Module):
             nn.Linear(hidden_dim, action_dim))
         self.apply(orthogonal_init)
 
-    def forward(self, features: torch.Tensor, std: float) -> TruncatedNormal:
+    def forward(self, features: torch.Tensor, std: float | torch.Tensor) -> TruncatedNormal:
+        """The policy at ``features``; ``std`` is one stddev, or one per row (a ``(B, 1)`` tensor)."""
         mu = torch.tanh(self.policy(self.trunk(features)))
-        return TruncatedNormal(mu, torch.full_like(mu, std))
+        return TruncatedNormal(mu, torch.as_tensor(std, dtype=mu.dtype, device=mu.device).expand_as(mu))
 
 
 class Critic(nn.Module):

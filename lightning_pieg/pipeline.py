@@ -94,10 +94,30 @@ def module_bytes(cfg: DictConfig, action_dim: int = 64) -> int:
     return checkpoint_bytes(module)
 
 
+def num_envs(cfg: DictConfig) -> int:
+    """Training environments (``collector.num_envs=0`` is one, in this process)."""
+    return max(cfg.collector.num_envs, 1)
+
+
 def replay_capacity(cfg: DictConfig) -> int:
     """Transitions the replay holds: ``replay_buffer_size``, capped at what the run can ever write. That is one
     position per agent step, plus one reset frame per episode (bounded by 2% of the steps: episodes of 50 agent
-    steps or more), plus a window's worth (n-step + frame stack) and two positions of slack."""
+    steps or more), plus, per environment stream, a window's worth (n-step + frame stack) and two positions of
+    slack."""
     total_steps = cfg.num_train_frames // cfg.action_repeat
     reset_frames = total_steps // 50
-    return min(cfg.replay_buffer_size, total_steps + reset_frames + cfg.nstep + cfg.frame_stack + 2)
+    return min(cfg.replay_buffer_size,
+               total_steps + reset_frames + num_envs(cfg) * (cfg.nstep + cfg.frame_stack + 2))
+
+
+def build_training_envs(cfg: DictConfig):
+    """The training environments: ``EnvWorkers`` (``collector.num_envs`` processes; on a GPU host with EGL, worker
+    i renders on GPU ``i % device_count``) or one ``InProcessEnvs`` environment."""
+    from lightning_pieg.collector import env_seeds
+    from lightning_pieg.workers import EnvWorkers, InProcessEnvs
+
+    if cfg.collector.num_envs == 0:
+        return InProcessEnvs([envs.make(cfg.task, "train", seed=cfg.seed, **env_options(cfg))])
+    gpus = torch.cuda.device_count() if envs.select_backend() == "egl" else 0
+    return EnvWorkers(cfg.task, "train", env_seeds(cfg.seed, cfg.collector.num_envs), options=env_options(cfg),
+                      devices=list(range(gpus)) or None, timeout=cfg.collector.worker_timeout_s)

@@ -154,12 +154,28 @@ class Replay:
                 torch.from_numpy(reward), torch.from_numpy(discount), torch.from_numpy(self._stack(last)))
 
     # --- persistence (save_replay) ---------------------------------------------------------------------------
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The replay's contents as named arrays (``prefix`` names a stream in a file that holds several)."""
+        used = min(self.size, self.capacity)
+        return {**{f"{prefix}{name}": getattr(self, name)[:used] for name in BYTES_FIELDS},
+                f"{prefix}meta": np.array([self.size, self._episode_start, self.capacity], dtype=np.int64),
+                f"{prefix}rng": np.array([repr(self.rng.bit_generator.state)])}
+
+    def restore(self, data, prefix: str = "", path: str | Path = "") -> None:
+        """Load ``arrays(prefix)`` back from an open ``.npz``."""
+        size, episode_start, capacity = (int(v) for v in data[f"{prefix}meta"])
+        if capacity != self.capacity:
+            raise ValueError(f"{path} holds a replay of capacity {capacity}, this run has {self.capacity}; "
+                             f"resume with the same replay_buffer_size")
+        used = min(size, capacity)
+        for name in BYTES_FIELDS:
+            getattr(self, name)[:used] = data[f"{prefix}{name}"]
+        self.size, self._episode_start = size, episode_start
+        self.rng.bit_generator.state = _literal(str(data[f"{prefix}rng"][0]))
+
     def write(self, handle) -> None:
         """Serialise the replay into an open binary file (``checkpoints.atomic_write`` gives one)."""
-        used = min(self.size, self.capacity)
-        np.savez(handle, **{name: getattr(self, name)[:used] for name in BYTES_FIELDS},
-                 meta=np.array([self.size, self._episode_start, self.capacity], dtype=np.int64),
-                 rng=np.array([repr(self.rng.bit_generator.state)]))
+        np.savez(handle, **self.arrays())
 
     def save(self, path: str | Path) -> None:
         """Write the replay atomically (temporary file, fsync, rename)."""
@@ -168,7 +184,7 @@ class Replay:
         atomic_write(Path(path), self.write)
 
     @staticmethod
-    def check_file(path: str | Path) -> None:
+    def check_file(path: str | Path, prefixes: tuple[str, ...] = ("",)) -> None:
         """Raise ``ValueError`` naming ``path`` if it is not a complete saved replay (before anything is built)."""
         try:
             with zipfile.ZipFile(path) as archive:
@@ -176,30 +192,76 @@ class Replay:
                 names = {name.removesuffix(".npy") for name in archive.namelist()}
         except (zipfile.BadZipFile, OSError) as error:
             raise ValueError(f"replay file {str(path)!r} is corrupt or truncated ({error})") from None
-        missing = sorted({*BYTES_FIELDS, "meta", "rng"} - names)
+        missing = sorted({f"{prefix}{key}" for prefix in prefixes for key in (*BYTES_FIELDS, "meta", "rng")} - names)
         if broken is not None or missing:
             problem = f"member {broken!r} fails its CRC check" if broken else f"it lacks {', '.join(missing)}"
             raise ValueError(f"replay file {str(path)!r} is corrupt ({problem})")
 
-    @staticmethod
-    def saved_capacity(path: str | Path) -> int:
-        """The capacity of a saved replay (a resumed run keeps it, whatever its new frame budget)."""
-        Replay.check_file(path)
-        with np.load(path, allow_pickle=False) as data:
-            return int(data["meta"][2])
-
     def load(self, path: str | Path) -> None:
         self.check_file(path)
         with np.load(path, allow_pickle=False) as data:
-            size, episode_start, capacity = (int(v) for v in data["meta"])
-            if capacity != self.capacity:
-                raise ValueError(f"{path} holds a replay of capacity {capacity}, this run has {self.capacity}; "
-                                 f"resume with the same replay_buffer_size")
-            used = min(size, capacity)
-            for name in BYTES_FIELDS:
-                getattr(self, name)[:used] = data[name]
-            self.size, self._episode_start = size, episode_start
-            self.rng.bit_generator.state = _literal(str(data["rng"][0]))
+            self.restore(data, path=path)
+
+
+def stream_prefixes(num_streams: int) -> tuple[str, ...]:
+    """Array-name prefixes of the streams in a saved replay: none for one stream (the single-environment format)."""
+    return ("",) if num_streams == 1 else tuple(f"s{i}." for i in range(num_streams))
+
+
+class StreamReplay:
+    """The replay of ``N`` environment streams: one ``Replay`` per environment (the capacity split evenly), so that
+    no window crosses from one environment into another and memory per transition is unchanged. ``sample`` draws an
+    equal share of the batch from every stream (they fill in lockstep), each share vectorised; with one stream it is
+    that stream's ``Replay`` exactly. Stream 0 samples with ``seed`` (the single-environment run's), stream ``i``
+    with ``[seed, i]``."""
+
+    def __init__(self, num_streams: int, capacity: int, frame_shape: tuple[int, int, int], action_dim: int,
+                 frame_stack: int, nstep: int, discount: float, seed: int = 0):
+        per_stream = capacity // num_streams
+        self.streams = [Replay(per_stream, frame_shape, action_dim, frame_stack, nstep, discount,
+                               seed=seed if i == 0 else [seed, i]) for i in range(num_streams)]
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def __getitem__(self, stream: int) -> Replay:
+        return self.streams[stream]
+
+    @property
+    def capacity(self) -> int:
+        return sum(replay.capacity for replay in self.streams)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(replay.nbytes for replay in self.streams)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """``(obs, action, reward, discount, next_obs)``, an equal share from every stream (see the class)."""
+        if len(self.streams) == 1:
+            return self.streams[0].sample(batch_size)
+        count = len(self.streams)
+        shares = [batch_size // count + (i < batch_size % count) for i in range(count)]
+        parts = [replay.sample(share) for replay, share in zip(self.streams, shares) if share]
+        return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+    def write(self, handle) -> None:
+        np.savez(handle, **{key: value for replay, prefix in zip(self.streams, stream_prefixes(len(self)))
+                            for key, value in replay.arrays(prefix).items()})
+
+    @staticmethod
+    def saved_capacity(path: str | Path, num_streams: int) -> int:
+        """The total capacity of a saved replay of ``num_streams`` streams (a resumed run keeps it)."""
+        prefixes = stream_prefixes(num_streams)
+        Replay.check_file(path, prefixes)
+        with np.load(path, allow_pickle=False) as data:
+            return sum(int(data[f"{prefix}meta"][2]) for prefix in prefixes)
+
+    def load(self, path: str | Path) -> None:
+        prefixes = stream_prefixes(len(self))
+        Replay.check_file(path, prefixes)
+        with np.load(path, allow_pickle=False) as data:
+            for replay, prefix in zip(self.streams, prefixes):
+                replay.restore(data, prefix, path)
 
 
 def _literal(text: str):

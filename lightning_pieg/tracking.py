@@ -168,6 +168,7 @@ def log_tags(logger: MLFlowLogger, renderer: str = "") -> None:
     tags = {"torch": torch.__version__, "torchvision": torchvision.__version__, "mujoco": mujoco.__version__,
             "dm_control": getattr(dm_control, "__version__", _dist_version("dm_control")),
             "pytorch_lightning": pytorch_lightning.__version__, "renderer": os.environ.get("MUJOCO_GL", ""),
+            "gl_renderer": renderer,
             "git_commit": _git_commit()}
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)

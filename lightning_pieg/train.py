@@ -5,8 +5,10 @@ its checkpoint, the weights and the overlay images read, before the training env
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import hydra
@@ -14,7 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_pieg  # noqa: F401  (torch/torchvision before dm_control: see lightning_pieg/__init__.py)
-from lightning_pieg import checkpoints, envs, pipeline
+from lightning_pieg import checkpoints, pipeline
 from lightning_pieg.callbacks import (DivergenceError, DivergenceGuard, FrameCheckpoint, GracefulStop,
                                       PeriodicEvaluation, TrainingProgress)
 from lightning_pieg.collector import Collector
@@ -24,8 +26,9 @@ from lightning_pieg.console import fail, run_cli, say
 from lightning_pieg.data import ReplayDataModule, ReplayStream
 from lightning_pieg.diagnostics import feature_shift_callbacks
 from lightning_pieg.encoders import load_weights
+from lightning_pieg.envs.rendering import renderer_string
 from lightning_pieg.module import PIEGModule, expected_lightning_warnings
-from lightning_pieg.replay import Replay
+from lightning_pieg.replay import Replay, StreamReplay
 from lightning_pieg.rollouts import evaluation_seed
 from lightning_pieg.tracking import log_artifact, log_config, log_resume, log_tags, make_logger, mark_killed, \
     tracking_uri
@@ -48,7 +51,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
         return None
     except checkpoints.CheckpointError as error:  # the request's resume= value
         raise ConfigError(str(error)) from None
-    with checkpoints.RunLock(directory) as lock:
+    with checkpoints.RunLock(directory) as lock, ExitStack() as cleanup:
         if lock.stale_owner:
             say(f"took over the lock of {directory} from a run that is no longer alive ({lock.stale_owner})")
         removed = checkpoints.clean_leftovers(directory)
@@ -59,17 +62,20 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] = (), output_dir: 
             say(f"WARNING: {directory} holds checkpoints of an earlier run (newest {earlier[-1].name}); this new run "
                 f"replaces those at the frames it reaches. Pass resume=last to continue that run instead, or "
                 f"checkpoint_dir=<another folder> to keep both.")
-        return _train(cfg, resume, extra_callbacks, output_dir)
+        return _train(cfg, resume, extra_callbacks, output_dir, cleanup)
 
 
-def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, output_dir) -> str | None:
+def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, output_dir,
+           cleanup: ExitStack) -> str | None:
+    """The run itself, in the locked folder; what it opens (environments, workers, image threads) is closed by
+    ``cleanup`` however it ends."""
     directory = Path(cfg.checkpoint_dir)
     replay_file = checkpoints.replay_path(resume.path) if resume else None
     with_replay = bool(resume and cfg.save_replay and replay_file.is_file())
     capacity = pipeline.replay_capacity(cfg)
     if with_replay:  # the saved replay keeps its capacity whatever the new frame budget
         try:
-            capacity = Replay.saved_capacity(replay_file)
+            capacity = StreamReplay.saved_capacity(replay_file, pipeline.num_envs(cfg))
         except ValueError as error:
             raise checkpoints.CheckpointError(f"resume={cfg.resume}: {error}; resume with save_replay=false to "
                                               f"refill the replay instead, or from an earlier checkpoint.") from None
@@ -82,24 +88,30 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
         if encoder_weights is None:
             say("encoder.weights=none: the frozen ResNet is RANDOMLY initialised (an ablation, not PIE-G).")
     overlay = pipeline.build_overlay(cfg)
+    if overlay is not None:
+        cleanup.callback(overlay.close)
     eval_targets = pipeline.build_eval_targets(cfg)  # a generalization mode's missing data stops the run here
+    for target in eval_targets:
+        cleanup.callback(lambda target=target: target.env.close())  # the env a rank > 0 rebuilt, too
     try:  # diag.feature_shift: diag/feature_shift/<mode> at each evaluation (lightning_pieg/diagnostics.py)
         diagnostics = feature_shift_callbacks(cfg, eval_targets, pipeline.eval_env_options(cfg),
                                               evaluation_seed(cfg.seed), say)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
+    renderer = renderer_string()
+    say(f"OpenGL renderer: {renderer} (MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    env = envs.make(cfg.task, "train", seed=cfg.seed, **pipeline.env_options(cfg))
-    obs_shape, action_dim = tuple(env.observation_spec().shape), env.action_spec().shape[0]
+    training_envs = cleanup.enter_context(closing(pipeline.build_training_envs(cfg)))
+    obs_shape, action_dim = tuple(training_envs.observation_spec().shape), training_envs.action_spec().shape[0]
     module = PIEGModule(obs_shape=obs_shape, action_dim=action_dim, encoder_state_dict=encoder_weights,
                         **pipeline.module_arguments(cfg))
     module.overlay_images = overlay
 
     total_steps, seed_steps = cfg.num_train_frames // cfg.action_repeat, cfg.num_seed_frames // cfg.action_repeat
-    replay = Replay(capacity, pipeline.frame_shape(cfg), action_dim, cfg.frame_stack, cfg.nstep, cfg.discount,
-                    seed=cfg.seed)
-    collector = Collector(env, replay, module.act, cfg.action_repeat)
+    replay = StreamReplay(len(training_envs), capacity, pipeline.frame_shape(cfg), action_dim, cfg.frame_stack,
+                          cfg.nstep, cfg.discount, seed=cfg.seed)
+    collector = Collector(training_envs, replay, module.explore, cfg.action_repeat)
     stream = ReplayStream(collector, cfg.batch_size, cfg.update_every_steps, max(seed_steps, cfg.nstep), total_steps)
     datamodule = ReplayDataModule(stream, seed_steps=max(seed_steps, cfg.nstep))
     if resume is not None:
@@ -119,7 +131,7 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
         log_config(logger, cfg)
     else:
         log_resume(logger, resume.frame, resume.changes)
-    log_tags(logger)
+    log_tags(logger, renderer)
     output_dir = Path(output_dir) if output_dir is not None else hydra_output_dir("train")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -146,11 +158,12 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, precision=cfg.trainer.precision,
         max_epochs=1, max_steps=2 * stream.num_updates() + 2,  # 2 optimiser steps per update, one update of slack:
         # the stream itself ends the epoch at the frame budget, after its last collection steps
-        logger=logger, callbacks=callbacks, plugins=[checkpoints.SafeCheckpointIO({str(resume.path): resume.state} if resume else None)], enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
+        plugins=[checkpoints.SafeCheckpointIO({str(resume.path): resume.state} if resume else None)], enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         deterministic=False)
     store = tracking_uri(cfg.mlflow.tracking_uri)
     say(f"task={cfg.task} agent={cfg.agent} frames={cfg.num_train_frames:,} batch={cfg.batch_size} "
+        f"environments={len(training_envs)}{' (in process)' if cfg.collector.num_envs == 0 else ''} "
         f"updates={stream.num_updates():,}; first update after {stream.first_update_step * cfg.action_repeat:,} "
         f"seed frames; MLflow run {logger.run_id} ({store})")
     started = time.perf_counter()
@@ -163,11 +176,6 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
     except (KeyboardInterrupt, SystemExit):
         mark_killed(logger)
         raise
-    finally:
-        for item in (env, *(target.env for target in eval_targets)):
-            item.close()
-        if overlay is not None:
-            overlay.close()
     if stream.stop_requested:
         mark_killed(logger)
         raise Interrupted(stream.stop_requested)

@@ -32,8 +32,10 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from lightning_pieg.console import Fault
 
-class WorkerError(RuntimeError):
+
+class WorkerError(Fault):
     """A worker process died, hung or raised."""
 
 
@@ -329,6 +331,61 @@ class EnvWorkers:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def __len__(self) -> int:
+        return self.num
+
+
+class InProcessEnvs:
+    """``EnvWorkers``' interface over environments in this process (``collector.num_envs=0``): ``step_async`` only
+    remembers the actions and ``step_wait`` runs them, so nothing overlaps with the learner."""
+
+    def __init__(self, environments: Sequence):
+        self.environments = list(environments)
+        self.num = len(self.environments)
+        self._pending: np.ndarray | None = None
+        self._resets = [0] * self.num
+
+    def _steps(self, time_steps: list) -> Steps:
+        return Steps(np.array([float(t.reward or 0.0) for t in time_steps]),
+                     np.array([float(t.discount) for t in time_steps]), np.array([t.last() for t in time_steps]),
+                     [dict(env.info) for env in self.environments],
+                     np.stack([t.observation for t in time_steps]), np.stack([env.frame for env in self.environments]))
+
+    def observation_spec(self):
+        return self.environments[0].observation_spec()
+
+    def action_spec(self):
+        return self.environments[0].action_spec()
+
+    def reset(self, indices: Sequence[int] | None = None) -> Steps:
+        if indices is not None and list(indices) != list(range(self.num)):
+            raise ValueError("InProcessEnvs resets all its environments together.")
+        self._resets = [count + 1 for count in self._resets]
+        return self._steps([env.reset() for env in self.environments])
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._pending = np.asarray(actions)
+
+    def step_wait(self, timeout: float | None = None) -> Steps:
+        actions, self._pending = self._pending, None
+        return self._steps([env.step(action) for env, action in zip(self.environments, actions)])
+
+    def get_reset_state(self, index: int) -> list:
+        from lightning_pieg import envs
+
+        return envs.get_reset_state(self.environments[index])
+
+    def set_reset_state(self, index: int, state: list, from_first_reset: bool = False) -> None:
+        from lightning_pieg import envs
+
+        warm_up = self._resets[index] == 0 and not from_first_reset
+        envs.restore_reset_state(self.environments[index], state, later_reset_on_fresh_env=warm_up)
+        self._resets[index] += int(warm_up)
+
+    def close(self) -> None:
+        for env in self.environments:
+            env.close()
 
     def __len__(self) -> int:
         return self.num

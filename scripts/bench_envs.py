@@ -1,9 +1,15 @@
-"""Print environment throughput of reach_duplo and drawer_close per mode: the median over repeats of timed stretches.
+"""Environment throughput, random actions, no learner: the collector's environments, then every evaluation mode.
 
-An agent step is one action through the full pixel stack (action repeat 2, one 84x84 render, frame stack 3); an
-environment step is one control step of the simulator (agent steps x action repeat).
+1. ``--task`` (walker_walk) in this process and in 1, 2, 4 worker processes (``lightning_pieg.workers.EnvWorkers``;
+   each agent step steps all N at once and waits for all of them). Env frames/s counts the simulator control steps
+   of all environments together; the ratio is against the in-process environment measured in the same run.
+2. Each mode of the suite (DMC-GB's with ``--dmcgb-dir``), reach_duplo and drawer_close, in process, against its
+   task's train mode.
 
-    python scripts/bench_envs.py [--steps 50] [--repeats 3] [--image-size 84] [--blanket-path /path/to/blanket.png]
+An agent step is one action through the full pixel stack (action repeat 2, one 84x84 render, frame stack 3). Figures
+are medians over ``--repeats`` timed stretches of ``--steps`` agent steps (resets when an episode ends included).
+
+    python scripts/bench_envs.py [--workers 1 2 4] [--steps 200] [--repeats 3] [--dmcgb-dir /data/dmcgb]
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ import numpy as np
 
 from lightning_pieg import envs
 from lightning_pieg.envs import drawerworld
+from lightning_pieg.workers import EnvWorkers
+
+WARMUP_STEPS = 5
 
 
 def agent_steps_per_second(env, steps: int, rng: np.random.Generator) -> float:
@@ -30,38 +39,88 @@ def agent_steps_per_second(env, steps: int, rng: np.random.Generator) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def workers_rate(workers: EnvWorkers, steps: int, rng: np.random.Generator) -> float:
+    """Agent steps per second of all workers together (N per batched step)."""
+    shape = workers.action_spec().shape
+    actions = rng.uniform(-1.0, 1.0, (steps, len(workers), *shape)).astype(np.float32)
+    start = time.perf_counter()
+    for batch_actions in actions:
+        batch = workers.step(batch_actions)
+        if batch.last.any():
+            workers.reset(np.flatnonzero(batch.last))
+    return steps * len(workers) / (time.perf_counter() - start)
+
+
+def collector_table(args, options: dict, rng: np.random.Generator) -> None:
+    rows = []  # (label, start-up s, agent steps/s)
+    start = time.perf_counter()
+    env = envs.make(args.task, "train", seed=0, **options)
+    env.reset()
+    build = time.perf_counter() - start
+    agent_steps_per_second(env, WARMUP_STEPS, rng)
+    rows.append(("in process", build,
+                 statistics.median(agent_steps_per_second(env, args.steps, rng) for _ in range(args.repeats))))
+    env.close()
+    for num in args.workers:
+        start = time.perf_counter()
+        with EnvWorkers(args.task, "train", seeds=range(num), options=options) as workers:
+            workers.reset()
+            build = time.perf_counter() - start
+            workers_rate(workers, WARMUP_STEPS, rng)
+            rate = statistics.median(workers_rate(workers, args.steps, rng) for _ in range(args.repeats))
+        rows.append((f"{num} worker{'s' if num > 1 else ''}", build, rate))
+    baseline = rows[0][2]
+    print(f"\n{args.task}, {args.image_size}x{args.image_size}, action repeat {args.action_repeat}, median of "
+          f"{args.repeats} x {args.steps} agent steps; MUJOCO_GL={os.environ.get('MUJOCO_GL')}, LP_NUM_THREADS="
+          f"{os.environ.get('LP_NUM_THREADS', 'unset')} in process (workers: {os.environ.get('LP_NUM_THREADS', '1')}), "
+          f"{os.cpu_count()} CPUs\n")
+    print("| envs | start-up s | agent steps/s | env frames/s | vs in process |")
+    print("|---|---:|---:|---:|---:|")
+    for label, build, rate in rows:
+        print(f"| {label} | {build:.1f} | {rate:.1f} | {rate * args.action_repeat:.1f} | {rate / baseline:.2f} |",
+              flush=True)
+
+
+def modes_table(args, options: dict, rng: np.random.Generator) -> None:
+    suite_modes = ["train", "color_easy", "color_hard", "video_easy", "video_hard"] if args.dmcgb_dir else ["train"]
+    blanket = ["blanket"] if args.blanket_path else []
+    runs = [(args.task, mode) for mode in suite_modes]
+    runs += [("reach_duplo", mode) for mode in ("train", "deformed", "deformed_thin")]
+    runs += [("drawer_close", mode) for mode in ("train", "wood", "metal", *blanket, "blanket_generated")]
+    print("\n| task | mode | build s | agent steps/s | env steps/s | vs train |\n|---|---|---:|---:|---:|---:|")
+    baseline: dict[str, float] = {}  # each task's train mode, measured in this process
+    for task, mode in runs:
+        extra = {"dmcgb_dir": args.dmcgb_dir} if mode.startswith(("color", "video")) else {}
+        extra.update({"blanket_path": args.blanket_path} if mode == "blanket" else {})
+        start = time.perf_counter()
+        env = envs.make(task, mode, seed=0, **options, **extra)
+        env.reset()
+        build = time.perf_counter() - start
+        rate = statistics.median(agent_steps_per_second(env, args.steps, rng) for _ in range(args.repeats))
+        env.close()
+        baseline.setdefault(task, rate)
+        print(f"| {task} | {mode} | {build:.2f} | {rate:.1f} | {rate * args.action_repeat:.1f} | "
+              f"{rate / baseline[task]:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=50, help="agent steps per timed stretch")
+    parser.add_argument("--task", default="walker_walk")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=200, help="agent steps per timed stretch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=84)
     parser.add_argument("--action-repeat", type=int, default=2)
+    parser.add_argument("--dmcgb-dir", default=os.environ.get("DMCGB_DIR"))
     parser.add_argument("--blanket-path", default=os.environ.get(drawerworld.BLANKET_ENV_VAR))
+    parser.add_argument("--only", choices=("collector", "modes"), default=None)
     args = parser.parse_args()
-
-    blanket = ["blanket"] if args.blanket_path else []
-    runs = [("reach_duplo", mode) for mode in ("train", "deformed", "deformed_thin")]
-    runs += [("drawer_close", mode) for mode in ("train", "wood", "metal", *blanket, "blanket_generated")]
     options = {"image_size": args.image_size, "action_repeat": args.action_repeat}
-    if args.blanket_path:
-        options["blanket_path"] = args.blanket_path
-
     rng = np.random.default_rng(0)
-    print(f"{'task':<14}{'mode':<19}{'build s':>8}{'agent steps/s':>15}{'env steps/s':>13}{'vs train':>10}")
-    baseline: dict[str, float] = {}  # each task's train mode, measured in this process
-    for task, mode in runs:
-        start = time.perf_counter()
-        env = envs.make(task, mode, seed=0, **options)
-        env.reset()
-        build = time.perf_counter() - start
-        rates = [agent_steps_per_second(env, args.steps, rng) for _ in range(args.repeats)]
-        env.close()
-        rate = statistics.median(rates)
-        baseline.setdefault(task, rate)
-        print(f"{task:<14}{mode:<19}{build:>8.2f}{rate:>15.1f}{rate * args.action_repeat:>13.1f}"
-              f"{rate / baseline[task]:>10.2f}", flush=True)
-    print(f"({args.image_size}x{args.image_size} pixels, action repeat {args.action_repeat}, median of "
-          f"{args.repeats} x {args.steps} agent steps; MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
+    if args.only != "modes":
+        collector_table(args, options, rng)
+    if args.only != "collector":
+        modes_table(args, options, rng)
 
 
 if __name__ == "__main__":

@@ -158,12 +158,13 @@ def test_lockstep_evaluation_replays_the_sequential_episodes():
 
 def test_resumed_collector_restarts_the_same_episode():
     from lightning_pieg.collector import Collector
-    from lightning_pieg.replay import Replay
+    from lightning_pieg.replay import StreamReplay
+    from lightning_pieg.workers import InProcessEnvs
 
     def collector():
-        env = envs.make("reach_duplo", "train", seed=6, time_limit=0.2)
-        replay = Replay(100, (3, 84, 84), 9, frame_stack=3, nstep=1, discount=0.99)
-        return Collector(env, replay, lambda obs, step, explore: np.full(9, 0.3, np.float32), action_repeat=2)
+        env = InProcessEnvs([envs.make("reach_duplo", "train", seed=6, time_limit=0.2)])
+        replay = StreamReplay(1, 100, (3, 84, 84), 9, frame_stack=3, nstep=1, discount=0.99)
+        return Collector(env, replay, lambda obs, steps: np.full((len(obs), 9), 0.3, np.float32), action_repeat=2)
 
     original = collector()
     while original.stats.episode < 2 or not original.at_fresh_episode:
@@ -174,4 +175,4 @@ def test_resumed_collector_restarts_the_same_episode():
     state = original.state_dict()
     resumed = collector()
     resumed.load_state_dict(state, replay_restored=True)
-    np.testing.assert_array_equal(resumed.time_step.observation, original.time_step.observation)
+    np.testing.assert_array_equal(resumed.observation, original.observation)

@@ -39,3 +39,21 @@ def load_gl() -> None:
         from dm_control import suite  # noqa: F401
     except Exception as error:  # PyOpenGL fails in many ways (ImportError, AttributeError on a missing library)
         raise RenderingError(BACKEND_HELP.format(backend=os.environ.get("MUJOCO_GL"), error=error)) from error
+
+
+def renderer_string() -> str:
+    """The OpenGL renderer MuJoCo gets here (``NVIDIA H200/PCIe/SSE2``, ``llvmpipe (LLVM ...)``), so a silent fallback
+    from a GPU's EGL driver to software rendering is visible."""
+    select_backend()
+    try:
+        import mujoco
+        from OpenGL import GL
+
+        context = mujoco.GLContext(8, 8)
+        context.make_current()
+        try:
+            return GL.glGetString(GL.GL_RENDERER).decode()
+        finally:
+            context.free()
+    except Exception as error:  # noqa: BLE001 - whatever the backend raises, the caller only prints it
+        return f"unknown ({type(error).__name__}: {error})"
