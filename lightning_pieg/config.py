@@ -92,6 +92,7 @@ class CollectorConfig:
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True
     experiment: str = "lightning_pieg"
     tracking_uri: Optional[str] = None
     run_name: Optional[str] = None

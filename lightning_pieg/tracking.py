@@ -3,6 +3,7 @@ params, tags, metrics, artifacts, and the evaluation command's access to trainin
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import re
 import subprocess
@@ -95,8 +96,16 @@ def last_logged_step(uri: str, run_id: str) -> int:
     return max((metric.step for key in keys for metric in store.get_metric_history(run_id, key)), default=-1)
 
 
-def make_logger(cfg: DictConfig, resume_run_id: str | None = None) -> FrameLogger:
-    """Attach to the run ``mlflow run`` opened, else to the run being resumed, else open a new run."""
+def make_logger(cfg: DictConfig, resume_run_id: str | None = None, output_dir: Path | None = None):
+    """Attach to the run ``mlflow run`` opened, else to the run being resumed, else open a new run; with
+    ``mlflow.enabled=false``, Lightning's CSV logger in ``output_dir`` instead."""
+    if not cfg.mlflow.enabled:
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(output_dir or "."), name="metrics", version="")
+    if importlib.util.find_spec("mlflow") is None:
+        raise TrackingError("MLflow is not installed here; install it (pip install mlflow), or train with "
+                            "mlflow.enabled=false (metrics to a CSV file in the run's output folder).")
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     ensure_experiment(uri, cfg.mlflow.experiment)
     run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
@@ -135,6 +144,8 @@ def _log_params(logger: MLFlowLogger, params: dict[str, str]) -> None:
 def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
     """Resolved config as params; a key that ``mlflow run`` already logged with another value goes under
     ``resolved.<key>`` (MLflow refuses to change a param)."""
+    if not isinstance(logger, MLFlowLogger):
+        return
     existing = logger.experiment.get_run(logger.run_id).data.params
     params = {}
     for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
@@ -150,6 +161,8 @@ def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
 def log_resume(logger: MLFlowLogger, frame: int, changes: dict[str, tuple[Any, Any]]) -> None:
     """What a resumed run changed, as ``resumed_at_<frame>.<key>`` params beside the original ones (the second
     resume from the same frame: ``resumed_at_<frame>_2.<key>``, and so on; MLflow never changes a param)."""
+    if not isinstance(logger, MLFlowLogger):
+        return
     existing = logger.experiment.get_run(logger.run_id).data.params
     prefix, count = f"resumed_at_{frame}", 1
     while any(key.startswith(f"{prefix}.") for key in existing):
@@ -159,6 +172,8 @@ def log_resume(logger: MLFlowLogger, frame: int, changes: dict[str, tuple[Any, A
 
 
 def log_tags(logger: MLFlowLogger, renderer: str = "") -> None:
+    if not isinstance(logger, MLFlowLogger):
+        return
     import dm_control
     import mujoco
     import pytorch_lightning

@@ -126,14 +126,14 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
         for key, (old, new) in resume.changes.items():
             say(f"resume: {key} changed from {old!r} to {new!r} (allowed)")
 
-    logger = make_logger(cfg, resume.meta.get("mlflow_run_id") if resume else None)
+    output_dir = Path(output_dir) if output_dir is not None else hydra_output_dir("train")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = make_logger(cfg, resume.meta.get("mlflow_run_id") if resume else None, output_dir)
     if resume is None:
         log_config(logger, cfg)
     else:
         log_resume(logger, resume.frame, resume.changes)
     log_tags(logger, renderer)
-    output_dir = Path(output_dir) if output_dir is not None else hydra_output_dir("train")
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_artifact(logger, output_dir / "config.yaml")
 
@@ -161,11 +161,11 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
         logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
         plugins=[checkpoints.SafeCheckpointIO({str(resume.path): resume.state} if resume else None)], enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
         deterministic=False)
-    store = tracking_uri(cfg.mlflow.tracking_uri)
+    store = tracking_uri(cfg.mlflow.tracking_uri) if cfg.mlflow.enabled else f"CSV in {output_dir / 'metrics'}"
     say(f"task={cfg.task} agent={cfg.agent} frames={cfg.num_train_frames:,} batch={cfg.batch_size} "
         f"environments={len(training_envs)}{' (in process)' if cfg.collector.num_envs == 0 else ''} "
         f"updates={stream.num_updates():,}; first update after {stream.first_update_step * cfg.action_repeat:,} "
-        f"seed frames; MLflow run {logger.run_id} ({store})")
+        f"seed frames; {'MLflow run ' + str(logger.run_id) if cfg.mlflow.enabled else 'metrics'} ({store})")
     started = time.perf_counter()
     try:
         with expected_lightning_warnings():
@@ -179,9 +179,9 @@ def _train(cfg: DictConfig, resume: checkpoints.Resume | None, extra_callbacks, 
     if stream.stop_requested:
         mark_killed(logger)
         raise Interrupted(stream.stop_requested)
-    say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. "
-        f"Compare runs with: mlflow ui --backend-store-uri {store}")
-    return logger.run_id
+    say(f"done: {collector.frame:,} frames in {(time.perf_counter() - started) / 60:.1f} min. " +
+        (f"Compare runs with: mlflow ui --backend-store-uri {store}" if cfg.mlflow.enabled else f"Metrics: {store}"))
+    return getattr(logger, "run_id", None)
 
 
 def _run(cfg: DictConfig) -> None:

@@ -75,7 +75,7 @@ def run(args, agent: str, envs: int, precision: str, images: Path, work: Path) -
                  "save_video=false", "checkpoint_every_frames=0", "diag.feature_shift=false",
                  f"augment.overlay={images}", f"collector.num_envs={envs}", f"trainer.precision={precision}",
                  f"trainer.accelerator={args.accelerator}", "update_every_steps=2",
-                 f"checkpoint_dir={work / 'checkpoints'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
+                 f"checkpoint_dir={work / 'checkpoints'}", "mlflow.enabled=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     split = Split()

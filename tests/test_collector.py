@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
@@ -88,7 +89,7 @@ def test_no_window_crosses_an_environment_or_an_episode():
             for step in range(1, 7):
                 replay[stream].add(np.array([step], np.float32), 1.0, 1.0, np.full((3, 1, 1), value + step, np.uint8))
     obs, action, reward, discount, next_obs = replay.sample(256)
-    values = np.concatenate([obs[:, ::3, 0, 0], next_obs[:, ::3, 0, 0]], axis=1).numpy().astype(int)
+    values = torch.cat([obs[:, ::3, 0, 0], next_obs[:, ::3, 0, 0]], dim=1).numpy().astype(int)
     assert (values // 10 == values[:, :1] // 10).all()  # one stream and one episode per sample
     assert {int(v) // 100 for v in values[:, 0]} == {0, 1}  # both streams are sampled
     assert np.allclose(next_obs[:, -3, 0, 0].numpy() - obs[:, -3, 0, 0].numpy(), 3)  # n-step windows

@@ -193,3 +193,12 @@ def test_training_fps_leaves_evaluation_time_out(monkeypatch):
     assert episode_end(2000, seconds=40.0, evaluating=300.0) == pytest.approx(25.0)  # evaluation left out
     assert episode_end(3000, seconds=100.0, evaluating=0.0) == pytest.approx(10.0)   # a window, not an average
     assert "eta" in lines[-1] and len(lines) == 3
+
+
+def test_training_without_mlflow_writes_metrics_to_a_csv_file(compose, tmp_path):
+    """``mlflow.enabled=false`` (offline nodes): no store is touched, the metrics go to a CSV file."""
+    run_id, recorder = run(compose("num_train_frames=120", "mlflow.enabled=false"), tmp_path)
+    assert run_id is None and len(recorder.losses) == 20
+    assert not (tmp_path / "mlflow.db").exists()
+    header = (tmp_path / "run" / "metrics" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/critic_loss" in header and "train/episode_reward" in header
