@@ -1,8 +1,9 @@
 """The learner: DrQ-v2's DDPG (clipped double Q, n-step targets, random shifts) over PIE-G's or DrQ-v2's encoder."""
 from __future__ import annotations
 
+import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -64,6 +65,7 @@ class PIEGModule(pl.LightningModule):
         self.overlay_images = None  # set by train.py when augment.overlay names a folder (not saved)
         self.automatic_optimization = False
         self.last_metrics: dict[str, float] = {}
+        self.update_seconds = 0.0  # wall time in updates (the batch's collection excluded), for bench_train
 
     # --- acting ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -95,8 +97,7 @@ class PIEGModule(pl.LightningModule):
         try:
             obs = torch.as_tensor(observations, device=self.device).float()
             std = torch.tensor([[stddev_at(self.hparams.stddev_schedule, int(s))] for s in steps], device=self.device)
-            with self.acting_precision():
-                action = self.actor(self.encoder(obs), std).sample(clip=None).float()
+            action = self.actor(self.encoder(obs), std).sample(clip=None)
             uniform = torch.as_tensor(np.asarray(steps) < self.hparams.num_expl_steps, device=self.device)
             if uniform.any():
                 noise = torch.empty_like(action).uniform_(-1.0, 1.0)
@@ -105,27 +106,18 @@ class PIEGModule(pl.LightningModule):
             self.train(was_training)
         return action.cpu().numpy()
 
-    def acting_precision(self):
-        """bf16 autocast while acting when the trainer trains in bf16 (the act reads PIE-G's 250 MB head), else
-        nothing."""
-        precision = str(getattr(self._trainer, "precision", "32") if self._trainer is not None else "32")
-        if precision.startswith("bf16"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     @torch.no_grad()
     def act_batch(self, observations: torch.Tensor, per_observation_bn: bool = False) -> torch.Tensor:
         """Mean actions for a batch of observations (evaluation); optionally with per-observation BatchNorm."""
         was_training = self.training
         self.eval()
         try:
-            with self.acting_precision():
-                if per_observation_bn:
-                    with self.encoder.per_observation_statistics():
-                        features = self.encoder(observations.float())
-                else:
+            if per_observation_bn:
+                with self.encoder.per_observation_statistics():
                     features = self.encoder(observations.float())
-                return self.actor(features, 1.0).mean.float()
+            else:
+                features = self.encoder(observations.float())
+            return self.actor(features, 1.0).mean
         finally:
             self.train(was_training)
 
@@ -176,7 +168,8 @@ class PIEGModule(pl.LightningModule):
     def training_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
         """One update. Returns the critic loss; when the stream is spent Lightning swallows the StopIteration
         and calls the batch-end hooks with empty outputs, which callbacks therefore skip."""
-        batch, _, _ = next(dataloader_iter)
+        batch, _, _ = next(dataloader_iter)  # collection runs inside: the stream steps the environments
+        started = time.perf_counter()
         obs, action, reward, discount, next_obs, step = (x.to(self.device) for x in batch)
         step = int(step)
         critic_opt, actor_opt = self.optimizers()
@@ -211,4 +204,5 @@ class PIEGModule(pl.LightningModule):
             "train/actor_loss": actor_loss.item(), "train/actor_ent": dist.entropy().sum(-1).mean().item(),
             "train/batch_reward": reward.mean().item(), "train/stddev": std,
         }
+        self.update_seconds += time.perf_counter() - started
         return {"critic_loss": critic_loss.detach()}

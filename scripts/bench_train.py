@@ -36,28 +36,25 @@ BATCH = {"pieg": 32, "drqv2": 64}
 
 
 class Split(pl.Callback):
-    """Wall time of the updates, and of the part of the run after the seed phase."""
+    """Where the wall time after the seed phase went (from the first update to the end of training)."""
 
     def __init__(self):
-        self.update, self.started, self.frames_at_start, self.update_started = 0.0, None, 0, 0.0
+        self.started, self.frames_at_start = None, 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.update_started = time.perf_counter()
-        if self.started is None:  # the first update: the seed phase is over
-            self.started, self.frames_at_start = time.perf_counter(), trainer.datamodule.collector.frame
-            collector, stream = trainer.datamodule.collector, trainer.datamodule.stream
-            self.base = dict(collector.seconds, sample=stream.sample_seconds)
+    def _seconds(self, trainer, pl_module) -> dict[str, float]:
+        collector, stream = trainer.datamodule.collector, trainer.datamodule.stream
+        return dict(collector.seconds, sample=stream.sample_seconds, update=pl_module.update_seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.update += time.perf_counter() - self.update_started
+        if self.started is None and outputs:  # the first update: the seed phase is over
+            self.started, self.frames_at_start = time.perf_counter(), trainer.datamodule.collector.frame
+            self.base = self._seconds(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self.wall = time.perf_counter() - self.started
-        collector, stream = trainer.datamodule.collector, trainer.datamodule.stream
-        now = dict(collector.seconds, sample=stream.sample_seconds)
+        now = self._seconds(trainer, pl_module)
         self.parts = {key: now[key] - self.base[key] for key in now}
-        self.parts["update"] = self.update
-        self.frames = collector.frame - self.frames_at_start
+        self.frames = trainer.datamodule.collector.frame - self.frames_at_start
 
 
 def synthetic_images(folder: Path, count: int = 64) -> Path:

@@ -48,3 +48,59 @@ def data_dir(tmp_path_factory) -> Path:
     from test_dmcgb import make_data_dir
 
     return make_data_dir(tmp_path_factory.mktemp("dmcgb"), video_modes=("video_easy",))
+
+
+class TrainingProcess:
+    """``python -m lightning_pieg.train`` (the ``TINY`` config plus ``overrides``, everything kept in ``folder``) in
+    a subprocess whose output a thread reads, so that every wait times out instead of hanging."""
+
+    def __init__(self, folder: Path, *overrides: str):
+        import os
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lightning_pieg.train", *TINY, f"checkpoint_dir={folder / 'checkpoints'}",
+             f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"hydra.run.dir={folder / 'out'}", *overrides],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=folder,
+            env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line)
+
+    def _drain(self) -> None:
+        while not self._queue.empty():
+            self.lines.append(self._queue.get())
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Read output until a line contains ``text``; fail (the process killed) after ``timeout`` seconds."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not (self.lines and text in self.lines[-1]):
+            try:
+                self.lines.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                self.process.kill()
+                pytest.fail(f"no line with {text!r} within {timeout} s:\n{''.join(self.lines)}")
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the exit (the process killed after ``timeout`` seconds); returns its exit status."""
+        import subprocess
+
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"still running after {timeout} s:\n{''.join(self.lines)}")
+        self._reader.join(timeout=10)
+        self._drain()
+        return self.process.returncode

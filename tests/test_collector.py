@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
-from conftest import TINY
+from conftest import TINY, TrainingProcess
 from lightning_pieg.collector import env_seeds
 from lightning_pieg.config import CONF_DIR
 from lightning_pieg.replay import BYTES_FIELDS, StreamReplay
@@ -113,27 +111,15 @@ def children(pid: int) -> list[int]:
 
 
 def test_a_killed_worker_ends_the_run_with_a_clear_message(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lightning_pieg.train", *TINY, "num_train_frames=100000", "collector.num_envs=2",
-         f"checkpoint_dir={tmp_path / 'checkpoints'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-         f"hydra.run.dir={tmp_path / 'out'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
-    lines = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if "frame       200/" in line:
-                break
-        workers = [pid for pid in children(process.pid)
-                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
-        assert len(workers) >= 2, lines
-        os.kill(workers[-1], signal.SIGKILL)
-        killed = time.monotonic()
-        lines.extend(process.communicate(timeout=TIMEOUT_S)[0].splitlines())
-        assert time.monotonic() - killed < 30
-    finally:
-        process.kill()
-    assert process.returncode == 1, "".join(lines)
-    errors = [line for line in lines if line.startswith("[lightning_pieg] error:")]
+    run = TrainingProcess(tmp_path, "num_train_frames=100000", "collector.num_envs=2")
+    run.wait_for("frame       200/", TIMEOUT_S)
+    workers = [pid for pid in children(run.process.pid)
+               if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) >= 2, run.lines
+    os.kill(workers[-1], signal.SIGKILL)
+    killed = time.monotonic()
+    assert run.finish(TIMEOUT_S) == 1, "".join(run.lines)
+    assert time.monotonic() - killed < 30
+    errors = [line for line in run.lines if line.startswith("[lightning_pieg] error:")]
     assert len(errors) == 1 and "env worker" in errors[0] and "cartpole_balance" in errors[0] and "died" in errors[0]
-    assert "Traceback" not in "".join(lines)
+    assert "Traceback" not in "".join(run.lines)

@@ -19,7 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 import lightning_pieg
-from lightning_pieg import checkpoints, generalization
+from lightning_pieg import checkpoints
 from lightning_pieg.callbacks import DivergenceError
 from lightning_pieg.checkpoints import CheckpointError, RunLock
 from lightning_pieg.console import UserError
@@ -28,7 +28,7 @@ from lightning_pieg.evaluate import evaluate
 from lightning_pieg.policy import load_module
 from lightning_pieg.train import train
 
-from conftest import TINY
+from conftest import TINY, TrainingProcess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRAMES = 200
@@ -257,29 +257,15 @@ def test_a_checkpoint_folder_without_room_fails_before_any_work(tmp_path, monkey
 
 # -------------------------------------------------------------------------------------------- interruptions
 def test_sigterm_writes_a_resumable_checkpoint_and_marks_the_run_killed(tmp_path):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lightning_pieg.train", *TINY, "num_train_frames=100000", "num_seed_frames=40",
-         f"mlflow.tracking_uri={store}", f"checkpoint_dir={tmp_path / 'checkpoints'}",
-         f"hydra.run.dir={tmp_path / 'out'}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
-    lines = []
-    try:
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-        for line in process.stdout:  # the first training episode ends at frame 100
-            lines.append(line)
-            if "frame       100/" in line or time.monotonic() > deadline:
-                break
-        process.send_signal(signal.SIGTERM)
-        lines.extend(process.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0].splitlines())
-    finally:
-        process.kill()
-    assert process.returncode == 143, "".join(lines)
+    run = TrainingProcess(tmp_path, "num_train_frames=100000", "num_seed_frames=40")
+    run.wait_for("frame       100/", SUBPROCESS_TIMEOUT_S)  # the first training episode has ended
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish(SUBPROCESS_TIMEOUT_S) == 143, "".join(run.lines)
     saved = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
     assert len(saved) == 1
     meta = checkpoints.read_sidecar(saved[0])
     assert not meta["final"] and meta["frame"] % 100 == 0 and meta["frame"] >= 200  # the next episode start
-    client = mlflow.MlflowClient(tracking_uri=store)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(meta["mlflow_run_id"]).info.status == "KILLED"
 
 
