@@ -202,3 +202,10 @@ def test_training_without_mlflow_writes_metrics_to_a_csv_file(compose, tmp_path)
     assert not (tmp_path / "mlflow.db").exists()
     header = (tmp_path / "run" / "metrics" / "metrics.csv").read_text().splitlines()[0]
     assert "train/critic_loss" in header and "train/episode_reward" in header
+
+
+def test_bf16_mixed_trains_and_acts_in_fp32(compose, tmp_path):
+    """``trainer.precision=bf16-mixed``: the update runs under autocast, the collector still gets fp32 actions."""
+    run_id, recorder = run(compose("num_train_frames=120", "trainer.precision=bf16-mixed", "trainer.accelerator=cpu"),
+                           tmp_path)
+    assert len(recorder.losses) == 20 and all(np.isfinite(loss[1]) for loss in recorder.losses)
