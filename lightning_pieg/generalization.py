@@ -86,8 +86,7 @@ def _env_options(cfg: DictConfig, train_config: dict) -> dict:
 
 
 def plan(cfg: DictConfig, download_dir: Path) -> Plan:
-    """Every check that needs no environment and no network weights."""
-    cfg = check_evaluate(cfg)
+    """Every check that needs no environment and no network weights (``cfg`` as ``check_evaluate`` returns it)."""
     modes = eval_modes(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     path, run_id = _resolve_checkpoint(str(cfg.checkpoint), uri, download_dir, modes)

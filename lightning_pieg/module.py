@@ -68,30 +68,18 @@ class PIEGModule(pl.LightningModule):
         self.update_seconds = 0.0  # wall time in updates (the batch's collection excluded), for bench_train
 
     # --- acting ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def act(self, observation: np.ndarray, step: int, explore: bool) -> np.ndarray:
-        """Action for one uint8 observation: the mean, or (``explore``) a scheduled noisy sample, or uniform noise
-        for the first ``num_expl_steps`` agent steps. Uses the encoder's running BatchNorm statistics."""
-        was_training = self.training
-        self.eval()
-        try:
-            obs = torch.as_tensor(observation, device=self.device).unsqueeze(0).float()
-            dist = self.actor(self.encoder(obs), stddev_at(self.hparams.stddev_schedule, step))
-            if not explore:
-                action = dist.mean
-            else:
-                action = dist.sample(clip=None)
-                if step < self.hparams.num_expl_steps:
-                    action.uniform_(-1.0, 1.0)
-        finally:
-            self.train(was_training)
-        return action[0].cpu().numpy()
+        """Action for one uint8 observation: ``explore``'s (a scheduled noisy sample, or uniform noise for the first
+        ``num_expl_steps`` agent steps) or the mean action; running BatchNorm statistics."""
+        if explore:
+            return self.explore(np.asarray(observation)[None], np.array([step]))[0]
+        return self.act_batch(torch.as_tensor(observation, device=self.device)[None])[0].cpu().numpy()
 
     @torch.no_grad()
     def explore(self, observations: np.ndarray, steps: np.ndarray) -> np.ndarray:
         """Exploration actions for a batch of uint8 observations taken at agent steps ``steps``: a noisy sample at
         each step's scheduled stddev, or uniform noise for steps before ``num_expl_steps``; running BatchNorm
-        statistics. One observation at step ``s`` draws exactly what ``act(observation, s, explore=True)`` draws."""
+        statistics."""
         was_training = self.training
         self.eval()
         try:
