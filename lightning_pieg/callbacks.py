@@ -13,7 +13,8 @@ import dm_env
 import pytorch_lightning as pl
 import torch
 
-from lightning_pieg.checkpoints import checkpoint_path, clean_leftovers, replay_path, write_sidecar, atomic_write
+from lightning_pieg.checkpoints import (atomic_write, checkpoint_path, clean_leftovers, replay_path, write_rank_state,
+                                       write_sidecar)
 from lightning_pieg.console import UserError
 from lightning_pieg.data import ReplayDataModule
 from lightning_pieg.policy import mean_action_policy, one_at_a_time
@@ -236,7 +237,11 @@ class FrameCheckpoint(pl.Callback):
     """Writes a checkpoint at the first fresh episode after every ``every_frames`` frames, and at the end of
     training (weights only; resumable instead when the run was interrupted); keeps the last ``keep`` (0: all)
     and uploads the final one. Beside each ``frame_<N>.ckpt``: its sidecar ``frame_<N>.json`` (frame, MLflow run
-    id, config) and, with ``save_replay``, ``frame_<N>.replay.npz`` (see ``checkpoints.py``)."""
+    id, config, number of processes) and, with ``save_replay``, ``frame_<N>.replay.npz`` (see ``checkpoints.py``).
+
+    Under DDP every process decides to save at the same batch (the frame, the episode start and the updates are
+    equal everywhere): each writes its own state and replay, Lightning writes the checkpoint on rank 0 and waits
+    for all, then rank 0 writes the sidecar, which is what marks the checkpoint complete."""
 
     def __init__(self, directory: Path, every_frames: int, keep: int, save_replay: bool, config: dict,
                  print_fn: Callable[[str], None] = print):
@@ -264,12 +269,17 @@ class FrameCheckpoint(pl.Callback):
                                   f"the earlier ones are intact.")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = checkpoint_path(self.directory, frame)
-        if not final and self.save_replay:  # the final state (mid-episode, budget spent) is for acting, not resuming
-            atomic_write(replay_path(path), datamodule.replay.write)
-        trainer.save_checkpoint(path, weights_only=final)
+        rank = trainer.global_rank
+        if not final:  # the final state (mid-episode, budget spent) is for acting, not resuming
+            if self.save_replay:
+                atomic_write(replay_path(path, rank), datamodule.replay.write)
+            if rank > 0:
+                write_rank_state(path, rank, datamodule.state_dict())
+        trainer.save_checkpoint(path, weights_only=final)  # rank 0 writes; every process waits for it
         if trainer.is_global_zero:
             write_sidecar(path, {"frame": frame, "mlflow_run_id": getattr(trainer.logger, "run_id", None),
-                                 "final": final, "replay": self.save_replay and not final, "config": self.config})
+                                 "final": final, "replay": self.save_replay and not final,
+                                 "world_size": trainer.world_size, "config": self.config})
             self._prune()
             self.print(f"checkpoint: {path}")
         return path
@@ -289,6 +299,8 @@ class FrameCheckpoint(pl.Callback):
                 self.print("no resumable checkpoint written: the run stopped before its first step")
             return
         path = self.save(trainer, final=True)
+        if not trainer.is_global_zero:
+            return
         log_artifact(trainer.logger, path, "checkpoints")
         log_artifact(trainer.logger, path.with_suffix(".json"), "checkpoints")
 

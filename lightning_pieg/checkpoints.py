@@ -5,7 +5,9 @@ A checkpoint folder holds, per saved frame ``N``::
     frame_<N>.ckpt         Lightning's checkpoint (weights, optimiser and loop state, collector and RNG state)
     frame_<N>.json         the sidecar: frame, MLflow run id, final or not, the resolved training config
     frame_<N>.replay.npz   the replay (only with save_replay, only for periodic checkpoints)
-    .lock                  held by the run that writes here (``RunLock``)
+    frame_<N>.rank<r>.pt   under DDP, process r's collector and RNG state (r >= 1; rank 0's is in the .ckpt),
+    frame_<N>.rank<r>.replay.npz  and its replay (with save_replay)
+    .lock                  held by the run that writes here (``RunLock``; under DDP, ``.lock.rank<r>`` too)
 
 Every read goes through ``read_checkpoint``, which loads with ``weights_only=True`` explicitly, so neither a
 crafted file nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` can make it unpickle arbitrary objects. Every write goes
@@ -39,8 +41,8 @@ PATTERN = "frame_*.ckpt"
 MIN_CHECKPOINTS_OF_ROOM = 2
 # Sidecar config keys a resumed run must share with its checkpoint: they fix the networks' and the replay's shapes,
 # or what is being learned. Anything else (frame budget, evaluation, logging) may change on resume.
-MUST_MATCH = ("task", "agent", "frame_stack", "action_repeat", "env.image_size", "feature_dim", "hidden_dim",
-              "encoder.arch", "encoder.layer", "encoder.bn", "encoder.head_dim", "nstep", "discount")
+MUST_MATCH = ("task", "method", "encoder.name", "frame_stack", "action_repeat", "env.image_size", "feature_dim",
+              "hidden_dim", "encoder.arch", "encoder.layer", "encoder.bn", "encoder.head_dim", "nstep", "discount")
 
 
 class CheckpointError(UserError):
@@ -55,8 +57,27 @@ def sidecar_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(SIDECAR)
 
 
-def replay_path(checkpoint: Path) -> Path:
-    return Path(checkpoint).with_suffix(REPLAY)
+def replay_path(checkpoint: Path, rank: int = 0) -> Path:
+    """Process ``rank``'s replay beside ``checkpoint``."""
+    return Path(checkpoint).with_suffix(REPLAY if rank == 0 else f".rank{rank}{REPLAY}")
+
+
+def rank_state_path(checkpoint: Path, rank: int) -> Path:
+    """Process ``rank``'s (>= 1) collector and RNG state beside ``checkpoint``."""
+    return Path(checkpoint).with_suffix(f".rank{rank}.pt")
+
+
+def write_rank_state(checkpoint: Path, rank: int, state: dict) -> Path:
+    return atomic_write(rank_state_path(checkpoint, rank), lambda handle: torch.save(state, handle))
+
+
+def read_rank_state(checkpoint: Path, rank: int) -> dict:
+    """Process ``rank``'s state, read without running code; CheckpointError names the missing file."""
+    path = rank_state_path(checkpoint, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing beside {Path(checkpoint).name}: process {rank}'s state of "
+                              f"that DDP run; resume from another checkpoint of the folder.")
+    return read_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -239,6 +260,16 @@ def plan_resume(request: str | None, directory: Path, config: dict, warn: Callab
         raise CheckpointError(f"resume={request!r}: {path.name} is a final, weights-only checkpoint; resume from a "
                               f"periodic one (resume=last picks the newest).")
     changes = compare_configs(meta.get("config", {}), config, path)
+    saved_world, world = int(meta.get("world_size", 1)), int(config.get("world_size", 1))
+    if saved_world != world:
+        raise CheckpointError(f"resume={request!r}: {path.name} was written by {saved_world} DDP process(es), this run "
+                              f"has {world}; each process resumes its own environments and replay, so resume with "
+                              f"{saved_world} (trainer.devices x trainer.num_nodes = {saved_world}).")
+    missing = [rank_state_path(path, rank).name for rank in range(1, world)
+               if not rank_state_path(path, rank).is_file()]
+    if missing:
+        raise CheckpointError(f"resume={request!r}: {', '.join(missing)} missing beside {path.name}; resume from "
+                              f"another checkpoint of {path.parent}.")
     return Resume(path, meta, changes, read_checkpoint(path))  # read now: a hostile file stops the run here
 
 
@@ -261,7 +292,11 @@ def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def compare_configs(saved: dict, requested: dict, checkpoint: Path) -> dict[str, tuple[Any, Any]]:
-    """Raise CheckpointError if a ``MUST_MATCH`` key differs; return the other changes as ``{key: (old, new)}``."""
+    """Raise CheckpointError if a ``MUST_MATCH`` key differs; return the other changes as ``{key: (old, new)}``.
+    A config saved before methods existed (``agent=``) is compared in today's layout (``legacy.upgrade_config``)."""
+    from lightning_pieg.legacy import upgrade_config
+
+    saved = upgrade_config(saved)
     for key in MUST_MATCH:
         old, new = _get(saved, key), _get(requested, key)
         if old is not None and old != new:
@@ -275,7 +310,7 @@ def compare_configs(saved: dict, requested: dict, checkpoint: Path) -> dict[str,
         raise CheckpointError(f"resume={checkpoint}: the checkpoint's collector ran {environments(saved)} "
                               f"environment(s), this run asks for {environments(requested)}; resume with "
                               f"collector.num_envs={_get(saved, 'collector.num_envs') or 0}.")
-    ignored = ("resume", "frames")
+    ignored = ("resume", "frames", "world_size")
     old_flat, new_flat = _flat(saved), _flat(requested)
     return {key: (old_flat.get(key), value) for key, value in new_flat.items()
             if key not in ignored and key in old_flat and old_flat[key] != value}
@@ -306,8 +341,8 @@ def clean_leftovers(directory: Path) -> list[Path]:
     removed = [path for path in directory.glob(f"*{TMP}*") if path.is_file()]
     for path in directory.glob("frame_*"):
         stem = path.name.split(".")[0]
-        if path.name.endswith((SIDECAR, REPLAY)) and not (directory / f"{stem}.ckpt").is_file():
-            removed.append(path)
+        if not path.name.endswith(".ckpt") and not (directory / f"{stem}.ckpt").is_file():
+            removed.append(path)  # a sidecar, replay or process state whose checkpoint is gone
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
@@ -325,10 +360,11 @@ class RunLock:
     """One run per checkpoint folder: an exclusive ``flock`` on ``<folder>/.lock``, which holds the owner's pid.
 
     The kernel releases the lock when its process dies, so a stale lock file of a dead run is simply taken over.
+    Under DDP every process holds its own (``.lock.rank<r>``), so a second job fails on every process at once.
     """
 
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / LOCK
+    def __init__(self, directory: Path, rank: int = 0):
+        self.path = Path(directory) / (LOCK if rank == 0 else f"{LOCK}.rank{rank}")
         self._handle: IO[str] | None = None
         self.stale_owner: str | None = None  # what a dead run's lock file said, when this run took it over
 

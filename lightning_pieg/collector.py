@@ -9,6 +9,12 @@ step, exactly as in DrQ-v2's sequential loop, while worker processes render.
 Counters are global: ``stats.step`` counts agent steps over all environments (``N`` per vector step), so the frame
 budget, the seed frames, the exploration schedule and the update schedule count every environment's steps.
 Environment ``i``'s steps in a vector step that starts at global step ``s`` are numbered ``s + i``.
+
+Under DDP (``world_size`` processes, each with its own collector) ``stats.step`` counts this process's agent steps;
+they are the same on every process, as the processes step in lockstep. ``frame`` counts the frames of all
+processes together (``world_size`` times this process's), and exploration sees the global step
+``local step * world_size + rank``, so the frame budget and the exploration schedule mean what they mean on one
+device.
 """
 from __future__ import annotations
 
@@ -46,11 +52,13 @@ class Collector:
     """Acts in the environments of ``envs`` (``EnvWorkers`` or ``InProcessEnvs``) with ``explore`` and records each
     environment's steps in its stream of ``replay``."""
 
-    def __init__(self, envs, replay: StreamReplay, explore: BatchExplorer, action_repeat: int):
+    def __init__(self, envs, replay: StreamReplay, explore: BatchExplorer, action_repeat: int, rank: int = 0,
+                 world_size: int = 1):
         if len(replay) != len(envs):
             raise ValueError(f"{len(envs)} environments but {len(replay)} replay streams")
         self.envs, self.replay, self.explore, self.action_repeat = envs, replay, explore, action_repeat
         self.num_envs = len(envs)
+        self.rank, self.world_size = rank, world_size
         self.stats = EpisodeStats()
         self.observation: np.ndarray | None = None  # (N, *obs_shape) of the current step
         self.last: np.ndarray | None = None         # (N,) whether each environment's episode just ended
@@ -61,7 +69,12 @@ class Collector:
 
     @property
     def frame(self) -> int:
-        return self.stats.step * self.action_repeat
+        """Frames of all processes together (equal on every process)."""
+        return self.stats.step * self.action_repeat * self.world_size
+
+    def global_step(self, step):
+        """The run-wide agent step of this process's agent step ``step`` (an int or an array)."""
+        return step * self.world_size + self.rank
 
     def _reset(self, record: bool = True) -> None:
         started = time.perf_counter()
@@ -82,7 +95,7 @@ class Collector:
             raise RuntimeError(f"environments {np.flatnonzero(self.last).tolist()} ended an episode at step "
                                f"{self.stats.episode_step} and the others did not: the collector needs episodes of "
                                f"one fixed length (DMControl, Jaco and Drawer World have them).")
-        steps = self.stats.step + np.arange(self.num_envs)
+        steps = self.global_step(self.stats.step + np.arange(self.num_envs))
         started = time.perf_counter()
         actions = np.asarray(self.explore(self.observation, steps), dtype=np.float32)
         self.seconds["act"] += time.perf_counter() - started

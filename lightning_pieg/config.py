@@ -8,6 +8,7 @@ the YAML files' (``conf/``): the YAML is what users read, the schema is what the
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -17,11 +18,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lightning_pieg.console import UserError
-from lightning_pieg.encoders import ARCHS, BN_MODES, BN_STATISTICS, LAYERS
-from lightning_pieg.module import AGENTS
+from lightning_pieg.encoders import ARCHS, BN_MODES, BN_STATISTICS, ENCODER_DEFAULTS, ENCODERS, LAYERS
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def presets(group: str) -> list[str]:
+    """The presets of a config group: ``conf/<group>/*.yaml``."""
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+METHODS = tuple(presets("method"))  # conf/method/: a new preset there is a new method
+STRONG_AUGMENTATIONS = ("overlay", "none")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STRATEGIES = ("auto", "ddp")  # auto: one process, or DDP when devices x num_nodes > 1
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 MIN_IMAGE_SIZE = 32  # below this the ResNet trunk's maps (stride 8 at layer 2) shrink to a few pixels
 MODE_DATA_OPTIONS = ("dmcgb_dir", "davis_dir", "distracting_intensity", "distracting_background")
@@ -56,18 +66,25 @@ class EvalConfig:
 
 @dataclass
 class EncoderConfig:
-    arch: str = rule("resnet18", choices=tuple(ARCHS))
-    layer: int = rule(2, choices=LAYERS)
-    bn: str = rule("adaptive", choices=BN_MODES)
-    weights: str = "imagenet"
-    head_dim: int = rule(1024, low=1)
+    """``conf/encoder/<name>.yaml``: the encoder's name and every encoder's settings; those the named encoder does
+    not take are null (``check_train`` sets them so)."""
+
+    name: str = rule("resnet", choices=tuple(ENCODERS))
+    arch: Optional[str] = rule("resnet18", choices=tuple(ARCHS))
+    layer: Optional[int] = rule(2, choices=LAYERS)
+    bn: Optional[str] = rule("adaptive", choices=BN_MODES)
+    weights: Optional[str] = "imagenet"
+    head_dim: Optional[int] = rule(1024, low=1)
 
 
 @dataclass
 class AugmentConfig:
+    shift_pad: int = rule(4, low=0, high=32)
+    strong: str = rule("overlay", choices=STRONG_AUGMENTATIONS)
     overlay: str = "none"
     overlay_alpha: float = rule(0.5, low=0.0, high=1.0)
-    shift_pad: int = rule(4, low=0, high=32)
+    clean_loss_weight: float = rule(0.5, low=0.0, high=1.0, hint=" (SVEA's alpha; PIE-G and SVEA: 0.5)")
+    overlay_loss_weight: float = rule(0.5, low=0.0, high=1.0, hint=" (SVEA's beta; PIE-G and SVEA: 0.5)")
 
 
 @dataclass
@@ -80,6 +97,10 @@ class DiagConfig:
 class TrainerConfig:
     accelerator: str = rule("auto", choices=ACCELERATORS)
     devices: Any = 1
+    num_nodes: int = rule(1, low=1)
+    strategy: str = rule("auto", choices=STRATEGIES, hint=" (Lightning's ddp launches one process per device and "
+                         "works under torchrun and srun; spawn-based strategies cannot carry the environments over)")
+    ddp_timeout_s: float = rule(1800.0, low=0.0, low_open=True)
     precision: str = rule("32-true", choices=PRECISIONS)
     log_every_n_updates: int = rule(50, low=1)
 
@@ -96,13 +117,15 @@ class TrackingConfig:
     experiment: str = "lightning_pieg"
     tracking_uri: Optional[str] = None
     run_name: Optional[str] = None
+    tags: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
     task: str = "walker_stand"
-    agent: str = rule("pieg", choices=AGENTS)
+    method: str = rule("pieg", choices=METHODS)
     seed: int = rule(1, low=0)
+    compile: bool = False
     frame_stack: int = rule(3, low=1)
     action_repeat: int = rule(2, low=1)
     discount: float = rule(0.99, low=0.0, high=1.0, low_open=True)
@@ -248,8 +271,10 @@ def check_train(cfg: DictConfig) -> DictConfig:
         parse_schedule(typed.stddev_schedule)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if typed.agent == "pieg" and typed.frame_stack < 2:
-        raise ConfigError(f"frame_stack={typed.frame_stack}: PIE-G fuses frame differences, so it needs at least 2.")
+    _check_encoder(typed)
+    if typed.augment.clean_loss_weight + typed.augment.overlay_loss_weight == 0:
+        raise ConfigError("augment.clean_loss_weight=0 and augment.overlay_loss_weight=0: the critic loss would be "
+                          "zero; PIE-G and SVEA use 0.5 and 0.5.")
     if typed.num_seed_frames >= typed.num_train_frames:
         raise ConfigError(f"num_seed_frames={typed.num_seed_frames:,} is not below num_train_frames="
                           f"{typed.num_train_frames:,}: the run would end before its first update. Lower "
@@ -258,6 +283,22 @@ def check_train(cfg: DictConfig) -> DictConfig:
     check_env_options(typed.task, dict(OmegaConf.to_container(typed.env)), "env")
     check_devices(typed.trainer)
     return typed
+
+
+def _check_encoder(typed: DictConfig) -> None:
+    """The named encoder's settings are set; the others are made null, so that the run's params and checkpoints
+    record only what it uses."""
+    name = typed.encoder.name
+    encoder = ENCODERS[name]
+    for key in ENCODER_DEFAULTS:
+        if key not in encoder.settings:
+            typed.encoder[key] = None
+        elif typed.encoder[key] is None:
+            raise ConfigError(f"encoder.{key}=null: the {name} encoder needs it (conf/encoder/{name}.yaml: "
+                              f"{ENCODER_DEFAULTS[key]}).")
+    if typed.frame_stack < encoder.min_frames:
+        raise ConfigError(f"frame_stack={typed.frame_stack}: the {name} encoder fuses frame differences, so it needs "
+                          f"at least {encoder.min_frames}.")
 
 
 def check_evaluate(cfg: DictConfig) -> DictConfig:
@@ -285,9 +326,14 @@ def check_devices(trainer: DictConfig) -> None:
         if available == 0:
             raise ConfigError(f"trainer.accelerator={trainer.accelerator} but torch sees no CUDA device (torch "
                               f"{torch.__version__}); use trainer.accelerator=cpu, or install a CUDA build of torch.")
-        if isinstance(devices, int) and devices > available:
-            raise ConfigError(f"trainer.devices={devices} but only {available} CUDA device(s) are visible; use "
-                              f"trainer.devices={available} or fewer.")
+    on_gpu = trainer.accelerator in ("gpu", "cuda") or (trainer.accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are "
+                          f"visible; use trainer.devices={torch.cuda.device_count()} or fewer (one process per GPU).")
+    cores = os.cpu_count() or 1
+    if not on_gpu and isinstance(devices, int) and devices > cores:
+        raise ConfigError(f"trainer.devices={devices} CPU processes on {cores} cores; use trainer.devices={cores} "
+                          f"or fewer (each process also steps its environments).")
 
 
 # ------------------------------------------------------------------------------------------- the command line
@@ -312,20 +358,25 @@ def split_overrides(argv: list[str]) -> list[str]:
 
 
 def check_group_arguments(argv: list[str]) -> None:
-    """Hydra's own message for an unknown task or agent lists config files; name the valid choices instead."""
+    """Hydra's own message for an unknown task, method, agent or encoder lists config files; name the valid
+    choices instead."""
     from lightning_pieg import envs
 
-    for group in ("task", "agent"):
+    for group in ("task", "method", "agent", "encoder"):
         chosen = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"{group}=")]
-        presets = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-        if not chosen or chosen[-1] in presets:
+        choices = presets(group)
+        unknown = [value for value in (chosen[-1].split(",") if chosen else []) if value not in choices]  # -m a,b
+        if not unknown:
             continue
         if group == "agent":
-            raise ConfigError(f"unknown agent {chosen[-1]!r}; choose one of {', '.join(presets)}.")
+            raise ConfigError(f"unknown agent {unknown[0]!r}; choose one of {', '.join(choices)} (agent= is the old "
+                              f"name of method=, which takes {', '.join(METHODS)}).")
+        if group != "task":
+            raise ConfigError(f"unknown {group} {unknown[0]!r}; choose one of {', '.join(choices)}.")
         known = envs.task_names()
-        raise ConfigError(f"unknown task {chosen[-1]!r}. Valid tasks: {', '.join(t for t in known if t in presets)}."
-                          if chosen[-1] not in known else
-                          f"task {chosen[-1]!r} has no preset; add conf/task/{chosen[-1]}.yaml (see the other "
+        raise ConfigError(f"unknown task {unknown[0]!r}. Valid tasks: {', '.join(t for t in known if t in choices)}."
+                          if unknown[0] not in known else
+                          f"task {unknown[0]!r} has no preset; add conf/task/{unknown[0]}.yaml (see the other "
                           f"presets).")
 
 

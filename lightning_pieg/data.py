@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,12 +38,27 @@ def from_checkpoint(value):
     return value
 
 
+def count_updates(first_update_step: int, total_steps: int, update_every_steps: int, from_step: int = 0) -> int:
+    """Updates a stream runs from agent step ``from_step`` on: one at every multiple of ``update_every_steps`` in
+    ``[first_update_step, total_steps)``."""
+    start = max(first_update_step, from_step)
+    if start >= total_steps:
+        return 0
+    first = -(-start // update_every_steps) * update_every_steps
+    return max(0, -(-(total_steps - first) // update_every_steps))
+
+
 class ReplayStream(IterableDataset):
     """Interleaves collection and updates exactly as DrQ-v2's loop: at each vector step (one agent step of every
     environment, global steps ``s .. s + N - 1``) choose the actions, send them to the environments, yield a batch
     for every step ``t`` of them with an update due (``t >= first_update_step`` and ``t % update_every_steps == 0``)
     while the environments step, then record the step. Iteration ends when the run's agent-step budget is spent,
     so a run stops at its frame budget (the first multiple of ``N`` agent steps at or beyond it).
+
+    Under DDP every process runs its own stream. The update schedule uses only counters that are equal on every
+    process (this process's agent steps; the processes step in lockstep), never episode ends, replay sizes or wall
+    time, so every process runs the same updates; and a stop request (a signal that may reach one process only)
+    is agreed on by all of them (``agree``, a collective) at each episode start.
 
     The learner must not prefetch: consume it with ``training_step(self, dataloader_iter)``.
     """
@@ -57,19 +72,21 @@ class ReplayStream(IterableDataset):
         self.stop_requested: str | None = None  # set (to the signal's name) to end at the next episode start
         self.updates_left_this_step = 0  # a checkpoint waits until the vector step's updates are all done
         self.sample_seconds = 0.0
+        self.agree: Callable[[bool], bool] = bool  # under DDP: True on every process if it is True on any
 
     def update_due(self, step: int) -> bool:
         return self.first_update_step <= step < self.total_steps and step % self.update_every_steps == 0
 
     def num_updates(self, from_step: int = 0) -> int:
-        return sum(1 for step in range(from_step, self.total_steps) if self.update_due(step))
+        return count_updates(self.first_update_step, self.total_steps, self.update_every_steps, from_step)
 
     def __iter__(self) -> Iterator[Batch]:
         collector = self.collector
         while collector.stats.step < self.total_steps:
             if collector.pending_action is None:  # a resumed stream starts after its last update, actions chosen
                 collector.prepare()
-                if self.stop_requested and collector.at_fresh_episode:
+                if collector.at_fresh_episode and self.agree(bool(self.stop_requested)):
+                    self.stop_requested = self.stop_requested or "another process's stop"
                     return  # a resumable point: the checkpoint callback writes it at the end of training
                 collector.launch()
                 start = collector.stats.step
@@ -77,19 +94,37 @@ class ReplayStream(IterableDataset):
                 for left, step in zip(range(len(due) - 1, -1, -1), due):
                     self.updates_left_this_step = left
                     started = time.perf_counter()
-                    batch = (*collector.replay.sample(self.batch_size), torch.tensor(step))
+                    # the update's exploration-noise schedule reads the run-wide step (equal on every process)
+                    batch = (*collector.replay.sample(self.batch_size), torch.tensor(step * collector.world_size))
                     self.sample_seconds += time.perf_counter() - started
                     yield batch
             collector.advance()
 
 
-class ReplayDataModule(pl.LightningDataModule):
-    """Owns the stream; its state (collector counters, env reset state, RNGs) goes into every checkpoint."""
+StreamBuilder = Callable[[int, int, int], ReplayStream]
+"""``build(global_rank, local_rank, world_size) -> ReplayStream``: this process's environments, replay, collector."""
 
-    def __init__(self, stream: ReplayStream, seed_steps: int):
+
+class ReplayDataModule(pl.LightningDataModule):
+    """Builds this process's stream in ``setup``, where Lightning knows the process's rank; its state (collector
+    counters, env reset state, RNGs) goes into every checkpoint. Under DDP the Lightning checkpoint (written by
+    rank 0) holds rank 0's state; every other process writes and reads its own file beside it
+    (``FrameCheckpoint`` and ``rank_state``)."""
+
+    def __init__(self, build: StreamBuilder, seed_steps: int, rank_state: Callable[[int], dict] | None = None):
         super().__init__()
-        self.stream, self.seed_steps = stream, seed_steps
+        self.build, self.seed_steps, self.rank_state = build, seed_steps, rank_state
+        self.stream: ReplayStream | None = None
         self.replay_restored = False
+        self.rank = 0
+
+    def setup(self, stage: str) -> None:
+        if self.stream is None:
+            trainer = self.trainer
+            self.rank = trainer.global_rank
+            self.stream = self.build(trainer.global_rank, trainer.local_rank, trainer.world_size)
+            if trainer.world_size > 1:
+                self.stream.agree = lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False)
 
     @property
     def collector(self) -> Collector:
@@ -119,6 +154,8 @@ class ReplayDataModule(pl.LightningDataModule):
         if not state.get("resumable", False):
             raise ValueError("this checkpoint holds weights for acting and evaluation only and cannot resume "
                              "training; resume from one of the periodic checkpoints instead")
+        if self.rank > 0:  # the Lightning checkpoint holds rank 0's state; this process's is in its own file
+            state = self.rank_state(self.rank)
         state = from_checkpoint(state)
         self.collector.load_state_dict(state["collector"], replay_restored=self.replay_restored)
         torch.set_rng_state(state["torch_rng"])

@@ -251,7 +251,7 @@ def feature_shift_callbacks(cfg, eval_targets: Sequence, env_options: dict, seed
     names = {target.mode: target.reported for target in eval_targets if target.mode != "train"}
     if not names:
         return []
-    bn = cfg.eval.bn if cfg.agent == "pieg" else "running"  # DrQ-v2's encoder has no BatchNorm
+    bn = cfg.eval.bn  # an encoder without BatchNorm (DrQ-v2's conv) ignores it
     task = cfg.task
     return [FeatureShift(list(names), lambda mode: paired_observations(task, mode, seed, steps, **env_options),
                          cfg.eval_every_frames, bn=bn, names=names, print_fn=print_fn)]

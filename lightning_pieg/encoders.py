@@ -1,4 +1,5 @@
-"""Image encoders: PIE-G's frozen pre-trained ResNet trunk with a trainable head, and DrQ-v2's conv encoder.
+"""Image encoders: PIE-G's frozen pre-trained ResNet trunk with a trainable head, and DrQ-v2's conv encoder,
+registered by name in ``ENCODERS`` (``conf/encoder/<name>.yaml``) and built from their config by ``build_encoder``.
 
 Which BatchNorm statistics the frozen ResNet uses, by ``bn`` mode and phase:
 
@@ -141,6 +142,9 @@ class FrozenResNetEncoder(nn.Module):
     mapped by a trainable Linear + LayerNorm head of width ``head_dim`` (trained by the critic loss).
     """
 
+    settings = ("arch", "layer", "bn", "weights", "head_dim")  # its keys of the ``encoder`` config section
+    min_frames = 2  # it fuses differences between consecutive frames
+
     def __init__(self, obs_shape: tuple[int, int, int], arch: str = "resnet18", layer: int = 2,
                  bn: str = "adaptive", state_dict: dict[str, torch.Tensor] | None = None, head_dim: int = 1024):
         super().__init__()
@@ -213,6 +217,9 @@ class FrozenResNetEncoder(nn.Module):
 class ConvEncoder(nn.Module):
     """DrQ-v2's encoder, learned from scratch: four 3x3 convolutions (32 channels, the first with stride 2)."""
 
+    settings: tuple[str, ...] = ()  # nothing to set, no pre-trained weights
+    min_frames = 1
+
     def __init__(self, obs_shape: tuple[int, int, int]):
         super().__init__()
         self.convnet = nn.Sequential(
@@ -231,3 +238,34 @@ class ConvEncoder(nn.Module):
     @contextmanager
     def per_observation_statistics(self) -> Iterator[None]:
         yield  # no BatchNorm: nothing to switch
+
+
+ENCODERS: dict[str, type[nn.Module]] = {"resnet": FrozenResNetEncoder, "conv": ConvEncoder}
+"""``encoder.name`` -> its class. A name, not a class path, is what checkpoints record, so they survive renames."""
+ENCODER_DEFAULTS = {"arch": "resnet18", "layer": 2, "bn": "adaptive", "weights": "imagenet", "head_dim": 1024}
+"""Every encoder setting and its default (``conf/encoder/resnet.yaml``); an encoder takes those in its ``settings``."""
+
+
+def build_encoder(obs_shape: tuple[int, int, int], config: dict,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The encoder ``config["name"]`` names, with its ``settings`` from ``config`` (missing ones at their defaults;
+    the others are ignored) and, for a pre-trained one, ``state_dict`` (from ``load_encoder_weights``)."""
+    name = config.get("name")
+    if name not in ENCODERS:
+        raise EncoderConfigError(f"encoder.name={name!r} is unknown; choose one of {', '.join(ENCODERS)}.")
+    cls = ENCODERS[name]
+    options = {key: ENCODER_DEFAULTS[key] if config.get(key) is None else config[key]
+               for key in cls.settings if key != "weights"}
+    if "weights" in cls.settings:
+        options["state_dict"] = state_dict
+    elif state_dict is not None:
+        raise EncoderConfigError(f"the {name} encoder is learned from scratch; it takes no pre-trained weights.")
+    return cls(tuple(obs_shape), **options)
+
+
+def load_encoder_weights(config: dict) -> dict[str, torch.Tensor] | None:
+    """The pre-trained weights the encoder ``config`` asks for (``encoder.weights``); None for ``none`` and for an
+    encoder without pre-trained weights."""
+    if "weights" not in ENCODERS[config["name"]].settings:
+        return None
+    return load_weights(config.get("arch") or ENCODER_DEFAULTS["arch"], config.get("weights") or "none")

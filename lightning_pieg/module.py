@@ -1,4 +1,6 @@
-"""The learner: DrQ-v2's DDPG (clipped double Q, n-step targets, random shifts) over PIE-G's or DrQ-v2's encoder."""
+"""The learner: DrQ-v2's DDPG (clipped double Q, n-step targets, random shifts) over the encoder its config names
+(PIE-G's frozen ResNet or DrQ-v2's conv), with the critic loss also on overlaid observations when given images
+(PIE-G, SVEA)."""
 from __future__ import annotations
 
 import time
@@ -12,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_pieg.augment import RandomShift
-from lightning_pieg.encoders import ConvEncoder, FrozenResNetEncoder
+from lightning_pieg.encoders import build_encoder
+from lightning_pieg.legacy import method_and_encoder
 from lightning_pieg.networks import Actor, Critic, stddev_at
-
-AGENTS = ("pieg", "drqv2")
 
 
 @contextmanager
@@ -30,6 +31,41 @@ def expected_lightning_warnings() -> Iterator[None]:
         yield
 
 
+class CriticForward(torch.nn.Module):
+    """The encoder and the critic as one module: everything the critic loss trains, run in one forward per update
+    (clean, and overlaid when given), so that data parallelism can wrap it with its own gradient reducer."""
+
+    def __init__(self, encoder: torch.nn.Module, critic: Critic):
+        super().__init__()
+        self.encoder, self.critic = encoder, critic
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor,
+                overlaid: torch.Tensor | None = None):
+        """``(features, next features (no gradient), (Q1, Q2), (Q1, Q2) of the overlaid observations or None)``.
+        The encoder sees the clean, the next and the overlaid batch separately and in this order, as the authors'
+        update does (adaptive BatchNorm statistics are per batch and updated in that order)."""
+        features = self.encoder(obs)
+        with torch.no_grad():
+            next_features = self.encoder(next_obs)
+        overlaid_q = self.critic(self.encoder(overlaid), action) if overlaid is not None else None
+        return features, next_features, self.critic(features, action), overlaid_q
+
+
+@contextmanager
+def no_parameter_grads(module: torch.nn.Module) -> Iterator[None]:
+    """Gradients flow through ``module`` to its inputs but not into its parameters: the actor loss differentiates
+    the critic with respect to the action only (the critic's parameter gradients would be discarded anyway, and
+    under DDP they would be all-reduced for nothing)."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 class PIEGModule(pl.LightningModule):
     """Actor, critic and target critic over an image encoder, optimised manually once per yielded batch.
 
@@ -37,24 +73,18 @@ class PIEGModule(pl.LightningModule):
     frozen and in no optimiser), and Adam over the actor, which sees detached features.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, agent: str = "pieg", lr: float = 1e-4,
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, method: str | None = None, lr: float = 1e-4,
                  feature_dim: int = 256, hidden_dim: int = 1024, critic_target_tau: float = 0.01,
                  num_expl_steps: int = 2000, stddev_schedule: str | float = "linear(1.0,0.1,100000)",
                  stddev_clip: float = 0.3, encoder: dict | None = None, overlay_alpha: float = 0.5,
-                 encoder_state_dict: dict | None = None, shift_pad: int | None = None):
+                 encoder_state_dict: dict | None = None, shift_pad: int | None = None, clean_loss_weight: float = 0.5,
+                 overlay_loss_weight: float = 0.5, compile: bool = False, agent: str | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder_state_dict"])
-        if agent not in AGENTS:
-            raise ValueError(f"agent={agent!r} is unknown; choose one of {', '.join(AGENTS)}.")
-        encoder = dict(encoder or {})
-        obs_shape = tuple(obs_shape)
-        if agent == "pieg":
-            self.encoder = FrozenResNetEncoder(
-                obs_shape, arch=encoder.get("arch", "resnet18"), layer=encoder.get("layer", 2),
-                bn=encoder.get("bn", "adaptive"), state_dict=encoder_state_dict,
-                head_dim=encoder.get("head_dim", 1024))
-        else:
-            self.encoder = ConvEncoder(obs_shape)
+        # ``agent`` is how checkpoints before methods named ``method`` (lightning_pieg/legacy.py); the hparams
+        # record today's layout whatever the call used
+        method, encoder = method_and_encoder(method, agent, encoder)
+        self.save_hyperparameters(ignore=["encoder_state_dict", "agent"])
+        self.encoder = build_encoder(tuple(obs_shape), encoder, encoder_state_dict)
         self.actor = Actor(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
         self.critic = Critic(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
         self.critic_target = Critic(self.encoder.repr_dim, action_dim, feature_dim, hidden_dim)
@@ -63,9 +93,24 @@ class PIEGModule(pl.LightningModule):
         # shift_pad was an encoder option in checkpoints written before it moved to the augmentation
         self.shift = RandomShift(shift_pad if shift_pad is not None else encoder.get("shift_pad", 4))
         self.overlay_images = None  # set by train.py when augment.overlay names a folder (not saved)
+        # what each optimiser's loss runs through: the plain modules, or their DDP replicas (``replicate``); kept
+        # in a dict so that they are not registered twice (the checkpoint's keys stay those of the modules)
+        self.trained: dict[str, torch.nn.Module] = {"critic": CriticForward(self.encoder, self.critic),
+                                                    "actor": self.actor}
         self.automatic_optimization = False
         self.last_metrics: dict[str, float] = {}
         self.update_seconds = 0.0  # wall time in updates (the batch's collection excluded), for bench_train
+
+    def replicate(self, wrap) -> None:
+        """Give each optimiser's modules their own data-parallel wrapper (``wrap(module)``, e.g. DDP): the critic
+        step and the actor step are separate backward passes over disjoint parameters, each all-reducing only its
+        own gradients, in full, before its optimiser steps."""
+        self.trained = {name: wrap(module) for name, module in self.trained.items()}
+
+    def on_fit_start(self) -> None:
+        if self.hparams.compile:  # in place: the checkpoint's parameter names stay those of the plain modules
+            for network in (self.encoder, self.actor, self.critic, self.critic_target):
+                network.compile()
 
     # --- acting ---------------------------------------------------------------------------------------------------
     def act(self, observation: np.ndarray, step: int, explore: bool) -> np.ndarray:
@@ -130,18 +175,24 @@ class PIEGModule(pl.LightningModule):
             target_q1, target_q2 = self.critic_target(next_features, next_action)
             return reward + discount * torch.min(target_q1, target_q2)
 
+    @staticmethod
+    def q_loss(q1: torch.Tensor, q2: torch.Tensor, target_q: torch.Tensor) -> torch.Tensor:
+        """``MSE(Q1, target) + MSE(Q2, target)``."""
+        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+
     def critic_loss(self, features: torch.Tensor, action: torch.Tensor,
                     target_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``MSE(Q1, target) + MSE(Q2, target)``; returns the loss and both Q estimates."""
+        """``MSE(Q1, target) + MSE(Q2, target)`` of the critic at ``features``; returns the loss and both Qs."""
         q1, q2 = self.critic(features, action)
-        return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q), q1, q2
+        return self.q_loss(q1, q2, target_q), q1, q2
 
     def actor_loss(self, features: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.distributions.Normal]:
         """``-mean(min(Q1, Q2))`` at the actor's clipped noisy action; the features are detached, so only the
         actor learns from it."""
-        dist = self.actor(features.detach(), std)
+        dist = self.trained["actor"](features.detach(), std)
         policy_action = dist.sample(clip=self.hparams.stddev_clip)
-        actor_q1, actor_q2 = self.critic(features.detach(), policy_action)
+        with no_parameter_grads(self.critic):
+            actor_q1, actor_q2 = self.critic(features.detach(), policy_action)
         return -torch.min(actor_q1, actor_q2).mean(), dist
 
     @torch.no_grad()
@@ -168,17 +219,18 @@ class PIEGModule(pl.LightningModule):
 
         # one shift per observation, shared by its frames (the stack is shifted as one image)
         obs, next_obs = self.shift(obs.float()), self.shift(next_obs.float())
-        features = self.encoder(obs)
-        with torch.no_grad():
-            next_features = self.encoder(next_obs)
-        target_q = self.td_target(reward, discount, next_features, std)
-        critic_loss, q1, q2 = self.critic_loss(features, action, target_q)
-        if self.overlay_images is not None:
+        overlaid = None
+        if self.overlay_images is not None:  # the image stream has its own random generator
             from lightning_pieg.overlay import overlay
 
             images = self.overlay_images.sample(obs.shape[0]).to(self.device)
-            overlaid = self.encoder(overlay(obs, images, self.hparams.overlay_alpha))
-            critic_loss = 0.5 * (critic_loss + self.critic_loss(overlaid, action, target_q)[0])
+            overlaid = overlay(obs, images, self.hparams.overlay_alpha)
+        features, next_features, (q1, q2), overlaid_q = self.trained["critic"](obs, action, next_obs, overlaid)
+        target_q = self.td_target(reward, discount, next_features, std)
+        critic_loss = self.q_loss(q1, q2, target_q)
+        if overlaid_q is not None:  # SVEA's weighting; PIE-G's 0.5 * (clean + overlaid) is alpha = beta = 0.5
+            critic_loss = (self.hparams.clean_loss_weight * critic_loss
+                           + self.hparams.overlay_loss_weight * self.q_loss(*overlaid_q, target_q))
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()

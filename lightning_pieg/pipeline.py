@@ -60,11 +60,19 @@ def build_eval_targets(cfg: DictConfig) -> list[EvalEnv]:
             for mode, name in names.items()]
 
 
-def build_overlay(cfg: DictConfig):
-    """The strong overlay augmentation's image source, or None (said loudly) without an image folder."""
-    if str(cfg.augment.overlay).lower() == "none":
-        say("augment.overlay=none: training WITHOUT the paper's strong overlay augmentation (no image folder "
-            "configured). Set augment.overlay=/path/to/places365 (any image folder) to train full PIE-G.")
+def build_overlay(cfg: DictConfig, seed: int | None = None):
+    """The strong overlay augmentation's image source (its image order seeded by ``seed``, default ``cfg.seed``),
+    or None: for a method without it (``augment.strong=none``), and (said loudly) without an image folder."""
+    folder = str(cfg.augment.overlay)
+    if cfg.augment.strong == "none":
+        if folder.lower() != "none":
+            say(f"method={cfg.method} has no overlay augmentation (augment.strong=none): augment.overlay={folder} "
+                f"is not used.")
+        return None
+    if folder.lower() == "none":
+        say(f"augment.overlay=none: training method={cfg.method} WITHOUT its strong overlay augmentation (no image "
+            f"folder configured), so its critic loss has only the clean term: an ablation, not the method. Set "
+            f"augment.overlay=/path/to/places365 (any image folder) to train it in full.")
         return None
     from lightning_pieg.overlay import ImageOverlay, check_images
 
@@ -72,16 +80,17 @@ def build_overlay(cfg: DictConfig):
         check_images(cfg.augment.overlay, OVERLAY_PROBE_FILES)
     except ValueError as error:
         raise ConfigError(f"augment.overlay: {error}") from None
-    return ImageOverlay(cfg.augment.overlay, image_size=frame_shape(cfg)[-1], seed=cfg.seed)
+    return ImageOverlay(cfg.augment.overlay, image_size=frame_shape(cfg)[-1], seed=cfg.seed if seed is None else seed)
 
 
 def module_arguments(cfg: DictConfig) -> dict:
     """``PIEGModule``'s hyperparameters from the config (saved in every checkpoint)."""
-    return dict(agent=cfg.agent, lr=cfg.lr, feature_dim=cfg.feature_dim, hidden_dim=cfg.hidden_dim,
+    return dict(method=cfg.method, lr=cfg.lr, feature_dim=cfg.feature_dim, hidden_dim=cfg.hidden_dim,
                 critic_target_tau=cfg.critic_target_tau, num_expl_steps=cfg.num_expl_steps,
                 stddev_schedule=cfg.stddev_schedule, stddev_clip=cfg.stddev_clip,
                 encoder=OmegaConf.to_container(cfg.encoder, resolve=True), overlay_alpha=cfg.augment.overlay_alpha,
-                shift_pad=cfg.augment.shift_pad)
+                shift_pad=cfg.augment.shift_pad, clean_loss_weight=cfg.augment.clean_loss_weight,
+                overlay_loss_weight=cfg.augment.overlay_loss_weight, compile=cfg.compile)
 
 
 def module_bytes(cfg: DictConfig, action_dim: int = 64) -> int:
@@ -99,25 +108,40 @@ def num_envs(cfg: DictConfig) -> int:
     return max(cfg.collector.num_envs, 1)
 
 
-def replay_capacity(cfg: DictConfig) -> int:
-    """Transitions the replay holds: ``replay_buffer_size``, capped at what the run can ever write. That is one
-    position per agent step, plus one reset frame per episode (bounded by 2% of the steps: episodes of 50 agent
-    steps or more), plus, per environment stream, a window's worth (n-step + frame stack) and two positions of
-    slack."""
-    total_steps = cfg.num_train_frames // cfg.action_repeat
+def replay_capacity(cfg: DictConfig, world_size: int = 1) -> int:
+    """Transitions one process's replay holds: ``replay_buffer_size``, capped at what the process can ever write.
+    That is one position per agent step, plus one reset frame per episode (bounded by 2% of the steps: episodes of
+    50 agent steps or more), plus, per environment stream, a window's worth (n-step + frame stack) and two
+    positions of slack."""
+    total_steps = -(-(cfg.num_train_frames // cfg.action_repeat) // world_size)
     reset_frames = total_steps // 50
     return min(cfg.replay_buffer_size,
                total_steps + reset_frames + num_envs(cfg) * (cfg.nstep + cfg.frame_stack + 2))
 
 
-def build_training_envs(cfg: DictConfig):
-    """The training environments: ``EnvWorkers`` (``collector.num_envs`` processes; on a GPU host with EGL, worker
-    i renders on GPU ``i % device_count``) or one ``InProcessEnvs`` environment."""
+def build_training_envs(cfg: DictConfig, seed: int | None = None, render_gpu: int | None = None):
+    """The training environments, seeded from ``seed`` (default ``cfg.seed``): ``EnvWorkers``
+    (``collector.num_envs`` processes; on a GPU host with EGL, worker i renders on GPU ``i % device_count``, or
+    all on ``render_gpu``: a DDP process's own) or one ``InProcessEnvs`` environment."""
     from lightning_pieg.collector import env_seeds
     from lightning_pieg.workers import EnvWorkers, InProcessEnvs
 
+    seed = cfg.seed if seed is None else seed
     if cfg.collector.num_envs == 0:
-        return InProcessEnvs([envs.make(cfg.task, "train", seed=cfg.seed, **env_options(cfg))])
+        return InProcessEnvs([envs.make(cfg.task, "train", seed=seed, **env_options(cfg))])
     gpus = torch.cuda.device_count() if envs.select_backend() == "egl" else 0
-    return EnvWorkers(cfg.task, "train", env_seeds(cfg.seed, cfg.collector.num_envs), options=env_options(cfg),
-                      devices=list(range(gpus)) or None, timeout=cfg.collector.worker_timeout_s)
+    devices = [render_gpu] if render_gpu is not None else list(range(gpus))
+    return EnvWorkers(cfg.task, "train", env_seeds(seed, cfg.collector.num_envs), options=env_options(cfg),
+                      devices=devices or None, timeout=cfg.collector.worker_timeout_s)
+
+
+def action_dim(cfg: DictConfig, eval_targets: list[EvalEnv]) -> int:
+    """The task's action size, from an evaluation environment or, without one, a training environment built and
+    closed (the module is built before the processes' own environments)."""
+    if eval_targets:
+        return eval_targets[0].env.action_spec().shape[0]
+    env = envs.make(cfg.task, "train", seed=cfg.seed, **env_options(cfg))
+    try:
+        return env.action_spec().shape[0]
+    finally:
+        env.close()

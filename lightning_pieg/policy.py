@@ -31,14 +31,16 @@ def one_at_a_time(policy: BatchPolicy) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def load_module(checkpoint: str | Path, device: str = "cpu") -> PIEGModule:
-    """The trained module; its frozen trunk comes from the checkpoint, so no weights are downloaded."""
+    """The trained module, rebuilt from the checkpoint's hyperparameters: its method's encoder (``encoder.name``;
+    a checkpoint from before methods names it by ``agent``, see ``legacy``) and sizes. A frozen trunk comes from
+    the checkpoint, so no weights are downloaded."""
     state = read_checkpoint(checkpoint, map_location=device)
     if "hyper_parameters" not in state or "state_dict" not in state:
         raise CheckpointError(f"{str(checkpoint)!r} is not a lightning_pieg training checkpoint")
     try:
         module = PIEGModule(**state["hyper_parameters"])
         module.load_state_dict(state["state_dict"])
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{str(checkpoint)!r} does not fit this version's networks "
                               f"({str(error).splitlines()[0][:200]})") from None
     return module.to(device).eval()

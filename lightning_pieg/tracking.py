@@ -117,9 +117,11 @@ def make_logger(cfg: DictConfig, resume_run_id: str | None = None, output_dir: P
             raise TrackingError(f"MLflow run {run_id} is not in the tracking store {uri}; pass "
                                 f"mlflow.tracking_uri=<the store the run logged to>.") from None
         client(uri).update_run(run_id, status="RUNNING")
-    name = cfg.mlflow.run_name or f"{cfg.task}-{cfg.agent}-s{cfg.seed}"
-    return FrameLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_name=None if run_id else name,
-                       run_id=run_id, skip_through=skip_through)
+    name = cfg.mlflow.run_name or f"{cfg.task}-{cfg.method}-s{cfg.seed}"  # agent=pieg's name: method=pieg
+    logger = FrameLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_name=None if run_id else name,
+                         run_id=run_id, skip_through=skip_through)
+    logger.config_tags = {str(key): str(value) for key, value in (cfg.mlflow.get("tags") or {}).items()}
+    return logger
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -184,7 +186,7 @@ def log_tags(logger: MLFlowLogger, renderer: str = "") -> None:
             "dm_control": getattr(dm_control, "__version__", _dist_version("dm_control")),
             "pytorch_lightning": pytorch_lightning.__version__, "renderer": os.environ.get("MUJOCO_GL", ""),
             "gl_renderer": renderer,
-            "git_commit": _git_commit()}
+            "git_commit": _git_commit(), **getattr(logger, "config_tags", {})}  # mlflow.tags: set again on resume
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)
 

@@ -58,10 +58,17 @@ def _describe(error: BaseException) -> tuple:
     return [c.__name__ for c in type(error).__mro__], str(error), summary, "".join(traceback.format_exception(error))
 
 
-def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None) -> None:
+def render_threads(num_workers: int) -> int:
+    """Mesa llvmpipe threads per worker: the cores shared out among the workers, at least one (one worker on two
+    cores renders with two threads, as the in-process environment does; two workers with one each)."""
+    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
+
+
+def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None,
+            threads: int = 1) -> None:
     """The worker process: build the env, then serve commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the workers
-    os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa llvmpipe threads: one per worker unless the user chose
+    os.environ.setdefault("LP_NUM_THREADS", str(threads))  # Mesa's render threads, unless the user chose
     if device is not None:
         os.environ["MUJOCO_EGL_DEVICE_ID"] = str(device)
     try:
@@ -170,7 +177,8 @@ class EnvWorkers:
         for index, seed in enumerate(self.seeds):
             parent, child = context.Pipe()
             device = None if not devices else devices[index % len(devices)]
-            process = context.Process(target=_worker, args=(child, task, mode, seed, dict(options or {}), device),
+            process = context.Process(target=_worker, args=(child, task, mode, seed, dict(options or {}), device,
+                                                            render_threads(self.num)),
                                       name=f"env-worker-{index}", daemon=True)
             process.start()
             child.close()

@@ -7,7 +7,7 @@ as tests/test_update_maths.py does): random shift, encoder, n-step clipped doubl
 on the overlaid observations (``module.overlay_images`` is a fixed synthetic image batch in [0, 1]), the critic +
 encoder Adam step, the actor loss and step, and the soft target update. The batch and the images are placed on the
 device beforehand, so host-to-device copies are not timed. Networks are full size (conf/config.yaml and
-conf/agent/*.yaml): hidden 1024; PIE-G feature_dim 256 over a ResNet-18 trunk to layer 2 with a 1024-wide head;
+conf/method/*.yaml): hidden 1024; PIE-G feature_dim 256 over a ResNet-18 trunk to layer 2 with a 1024-wide head;
 DrQ-v2 feature_dim 50 over its conv encoder. Encoder weights are random (nothing is downloaded); speed and FLOPs do
 not depend on them. Walker's shapes: 3 stacked 84x84 RGB frames, action dimension 6.
 
@@ -48,7 +48,7 @@ from lightning_pieg.module import PIEGModule
 from lightning_pieg.replay import Replay
 
 OBS, ACTION_DIM = (9, 84, 84), 6  # walker: 3 stacked RGB frames
-FEATURE_DIM = {"pieg": 256, "drqv2": 50}  # conf/agent/{pieg,drqv2}.yaml
+FEATURE_DIM = {"pieg": 256, "drqv2": 50}  # conf/method/{pieg,drqv2}.yaml
 HIDDEN_DIM = 1024  # conf/config.yaml
 ENCODER = {"arch": "resnet18", "layer": 2, "bn": "adaptive", "head_dim": 1024}  # conf/config.yaml (weights: random)
 PRECISIONS = ("fp32", "bf16")

@@ -32,12 +32,18 @@ class RequestError(ValueError):
     """A request that cannot work; the message names the value and the fix."""
 
 
+FLAG_OF_ENCODER = {"resnet": "pieg", "conv": "drqv2"}  # --checkpoint-pieg: a ResNet encoder; -drqv2: a conv one
+
+
 def load_encoder(path: str, agent: str) -> tuple[torch.nn.Module, tuple[int, ...], str]:
-    """(encoder, observation shape, description) from a training checkpoint of ``agent``."""
+    """(encoder, observation shape, description) from a training checkpoint whose encoder is ``agent``'s (a SVEA
+    checkpoint passes as ``drqv2``: the same conv encoder)."""
     module = load_module(path)
-    if module.hparams.agent != agent:
-        flag = "--checkpoint-" + module.hparams.agent
-        raise RequestError(f"--checkpoint-{agent} {path} is a {module.hparams.agent} checkpoint; pass it as {flag}.")
+    encoder = module.hparams.encoder["name"]
+    if FLAG_OF_ENCODER[encoder] != agent:
+        flag = "--checkpoint-" + FLAG_OF_ENCODER[encoder]
+        raise RequestError(f"--checkpoint-{agent} {path} is a {module.hparams.method} checkpoint ({encoder} encoder); "
+                           f"pass it as {flag}.")
     return module.encoder, tuple(module.hparams.obs_shape), f"checkpoint {path}"
 
 

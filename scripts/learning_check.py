@@ -122,7 +122,8 @@ def collect_runs(args) -> list[dict]:
             continue
         for run in client.search_runs([experiment.experiment_id]):
             params = run.data.params
-            if (params.get("agent"), params.get("batch_size"), params.get("num_train_frames")) != \
+            method = params.get("method", params.get("agent"))  # runs before methods logged agent
+            if (method, params.get("batch_size"), params.get("num_train_frames")) != \
                     (args.agent, str(args.batch_size), str(args.frames)):
                 continue
             seed = int(params["seed"])

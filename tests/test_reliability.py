@@ -294,7 +294,7 @@ BAD_VALUES = [
     ("overlay_corrupt", "cannot read overlay image"),
     ("colour_file", "color_hard"),
     ("resume_other_task", "task='cartpole_balance'"),
-    ("resume_other_agent", "agent='pieg'"),
+    ("resume_other_agent", "method='pieg'"),  # agent=drqv2 is method=drqv2
     ("resume_missing", "does not exist"),
 ]
 
