@@ -251,6 +251,17 @@ class FrameCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._marks.start(_stream(trainer).collector.frame)
+        self._after_stop = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if getattr(self, "_after_stop", False):
+            # written after Lightning closed the epoch: record it as still running (as a periodic checkpoint does),
+            # or the resumed run would find its one epoch done and end at once
+            checkpoint["epoch"] = 0
+            loop = checkpoint["loops"]["fit_loop"]
+            for progress in loop["epoch_progress"].values():
+                progress["processed"] = progress["completed"] = 0
+            loop["epoch_loop.batch_progress"]["is_last_batch"] = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         datamodule = _stream(trainer)
@@ -294,6 +305,7 @@ class FrameCheckpoint(pl.Callback):
         stream = _stream(trainer)
         if stream.stream.stop_requested:
             if stream.collector.at_fresh_episode and stream.collector.stats.step > 0:
+                self._after_stop = True
                 self.save(trainer)
             else:
                 self.print("no resumable checkpoint written: the run stopped before its first step")

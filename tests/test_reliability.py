@@ -257,6 +257,7 @@ def test_a_checkpoint_folder_without_room_fails_before_any_work(tmp_path, monkey
 
 # -------------------------------------------------------------------------------------------- interruptions
 def test_sigterm_writes_a_resumable_checkpoint_and_marks_the_run_killed(tmp_path):
+    """... and resuming from it trains on to the frame budget in the same MLflow run."""
     run = TrainingProcess(tmp_path, "num_train_frames=100000", "num_seed_frames=40")
     run.wait_for("frame       100/", SUBPROCESS_TIMEOUT_S)  # the first training episode has ended
     run.process.send_signal(signal.SIGTERM)
@@ -267,6 +268,15 @@ def test_sigterm_writes_a_resumable_checkpoint_and_marks_the_run_killed(tmp_path
     assert not meta["final"] and meta["frame"] % 100 == 0 and meta["frame"] >= 200  # the next episode start
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(meta["mlflow_run_id"]).info.status == "KILLED"
+
+    budget = meta["frame"] + 200
+    resumed = TrainingProcess(tmp_path, f"num_train_frames={budget}", "num_seed_frames=40", "resume=last")
+    assert resumed.finish(SUBPROCESS_TIMEOUT_S) == 0, "".join(resumed.lines)
+    final = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1]
+    assert checkpoints.read_sidecar(final)["final"] and checkpoints.read_sidecar(final)["frame"] == budget
+    assert client.get_run(meta["mlflow_run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(meta["mlflow_run_id"], "train/episode_reward")]
+    assert steps[-1] == budget and meta["frame"] + 100 in steps
 
 
 # ---------------------------------------------------------------------------------------------- bad values
