@@ -119,14 +119,12 @@ def replay_capacity(cfg: DictConfig, world_size: int = 1) -> int:
                total_steps + reset_frames + num_envs(cfg) * (cfg.nstep + cfg.frame_stack + 2))
 
 
-def build_training_envs(cfg: DictConfig, seed: int | None = None, render_gpu: int | None = None,
-                        processes_here: int = 1):
+def build_training_envs(cfg: DictConfig, seed: int | None = None, render_gpu: int | None = None):
     """The training environments, seeded from ``seed`` (default ``cfg.seed``): ``EnvWorkers``
     (``collector.num_envs`` processes; on a GPU host with EGL, worker i renders on GPU ``i % device_count``, or
-    all on ``render_gpu``: a DDP process's own; the machine's cores shared among the workers of the
-    ``processes_here`` training processes on it) or one ``InProcessEnvs`` environment."""
+    all on ``render_gpu``: a DDP process's own) or one ``InProcessEnvs`` environment."""
     from lightning_pieg.collector import env_seeds
-    from lightning_pieg.workers import EnvWorkers, InProcessEnvs, cores_per_worker
+    from lightning_pieg.workers import EnvWorkers, InProcessEnvs
 
     seed = cfg.seed if seed is None else seed
     if cfg.collector.num_envs == 0:
@@ -134,8 +132,7 @@ def build_training_envs(cfg: DictConfig, seed: int | None = None, render_gpu: in
     gpus = torch.cuda.device_count() if envs.select_backend() == "egl" else 0
     devices = [render_gpu] if render_gpu is not None else list(range(gpus))
     return EnvWorkers(cfg.task, "train", env_seeds(seed, cfg.collector.num_envs), options=env_options(cfg),
-                      devices=devices or None, timeout=cfg.collector.worker_timeout_s,
-                      render_threads=cores_per_worker(cfg.collector.num_envs * processes_here))
+                      devices=devices or None, timeout=cfg.collector.worker_timeout_s)
 
 
 def action_dim(cfg: DictConfig, eval_targets: list[EvalEnv]) -> int:

@@ -158,8 +158,7 @@ def _train(cfg: DictConfig, trainer: pl.Trainer, resume: checkpoints.Resume | No
         """This process's environments, replay and collector, seeded from ``seed`` and its rank."""
         seed = distributed.rank_seed(cfg.seed, global_rank)
         pl.seed_everything(seed, workers=True, verbose=False)
-        envs = cleanup.enter_context(closing(pipeline.build_training_envs(
-            cfg, seed, render_gpu, processes_here=processes // cfg.trainer.num_nodes)))
+        envs = cleanup.enter_context(closing(pipeline.build_training_envs(cfg, seed, render_gpu)))
         replay = StreamReplay(len(envs), size, pipeline.frame_shape(cfg), module.hparams.action_dim, cfg.frame_stack,
                               cfg.nstep, cfg.discount, seed=seed)
         if with_replay:

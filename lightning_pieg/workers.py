@@ -58,18 +58,10 @@ def _describe(error: BaseException) -> tuple:
     return [c.__name__ for c in type(error).__mro__], str(error), summary, "".join(traceback.format_exception(error))
 
 
-def cores_per_worker(num_workers: int) -> int:
-    """Mesa llvmpipe threads per worker by default: the machine's cores shared out among the workers, at least
-    one (one worker on two cores renders with two threads, as the in-process environment does; two with one each).
-    DDP processes on one machine pass their share (``render_threads``)."""
-    return max(1, (os.cpu_count() or 1) // max(num_workers, 1))
-
-
-def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None,
-            threads: int = 1) -> None:
+def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None) -> None:
     """The worker process: build the env, then serve commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the workers
-    os.environ.setdefault("LP_NUM_THREADS", str(threads))  # Mesa's render threads, unless the user chose
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa llvmpipe threads: one per worker unless the user chose
     if device is not None:
         os.environ["MUJOCO_EGL_DEVICE_ID"] = str(device)
     try:
@@ -164,7 +156,7 @@ class EnvWorkers:
 
     def __init__(self, task: str, mode: str = "train", seeds: Sequence[int] = (0,), *, options: dict | None = None,
                  devices: Sequence[int] | None = None, timeout: float = 60.0, start_timeout: float = 300.0,
-                 close_timeout: float = 5.0, render_threads: int | None = None):
+                 close_timeout: float = 5.0):
         if not seeds:
             raise ValueError("EnvWorkers needs at least one seed.")
         self.task, self.mode, self.seeds, self.timeout = task, mode, [int(s) for s in seeds], timeout
@@ -175,12 +167,10 @@ class EnvWorkers:
         self._pending: list[int] | None = None
         self._closer = weakref.finalize(self, _shutdown, self._processes, self._conns, self._memory, close_timeout)
         context = mp.get_context("spawn")
-        threads = render_threads or cores_per_worker(self.num)
         for index, seed in enumerate(self.seeds):
             parent, child = context.Pipe()
             device = None if not devices else devices[index % len(devices)]
-            process = context.Process(target=_worker, args=(child, task, mode, seed, dict(options or {}), device,
-                                                            threads),
+            process = context.Process(target=_worker, args=(child, task, mode, seed, dict(options or {}), device),
                                       name=f"env-worker-{index}", daemon=True)
             process.start()
             child.close()
