@@ -50,26 +50,25 @@ def data_dir(tmp_path_factory) -> Path:
     return make_data_dir(tmp_path_factory.mktemp("dmcgb"), video_modes=("video_easy",))
 
 
-class TrainingProcess:
-    """``python -m lightning_pieg.train`` (the ``TINY`` config plus ``overrides``, everything kept in ``folder``) in
-    a subprocess whose output a thread reads, so that every wait times out instead of hanging."""
+class OutputProcess:
+    """``command`` in a subprocess whose output a thread reads, so that every wait times out instead of hanging."""
 
-    def __init__(self, folder: Path, *overrides: str):
+    def __init__(self, command: list[str], cwd: Path):
         import os
         import queue
         import subprocess
-        import sys
         import threading
 
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_pieg.train", *TINY, f"checkpoint_dir={folder / 'checkpoints'}",
-             f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"hydra.run.dir={folder / 'out'}", *overrides],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=folder,
-            env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                        env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -104,3 +103,14 @@ class TrainingProcess:
         self._reader.join(timeout=10)
         self._drain()
         return self.process.returncode
+
+
+class TrainingProcess(OutputProcess):
+    """``python -m lightning_pieg.train`` (the ``TINY`` config plus ``overrides``, everything kept in ``folder``)."""
+
+    def __init__(self, folder: Path, *overrides: str):
+        import sys
+
+        super().__init__([sys.executable, "-m", "lightning_pieg.train", *TINY, f"checkpoint_dir={folder / 'checkpoints'}",
+                          f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}", f"hydra.run.dir={folder / 'out'}",
+                          *overrides], cwd=folder)

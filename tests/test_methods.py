@@ -23,7 +23,7 @@ from lightning_pieg.module import PIEGModule
 from lightning_pieg.pipeline import build_overlay, module_arguments, observation_shape
 from lightning_pieg.train import train
 
-from test_update_maths import hand_actor_mean, hand_q, hand_sample, perturb_, td_inputs
+from test_update_maths import hand_actor_mean, hand_actor_step_and_target, hand_q, hand_sample, perturb_, td_inputs
 
 ALPHA, BETA = 0.3, 0.9  # SVEA's clean and overlaid weights, away from PIE-G's 0.5 / 0.5 and unequal
 
@@ -204,15 +204,7 @@ def test_svea_training_step_is_alpha_clean_plus_beta_overlaid_with_the_clean_tar
     critic_loss.backward()
     hand_grads = {name: p.grad.clone() for name, p in hand.named_parameters() if p.grad is not None}
     critic_opt.step()
-    f = features.detach()
-    actor_loss = -torch.min(*hand_q(hand.critic, f, hand_sample(hand_actor_mean(hand.actor, f), 0.5,
-                                                                  cfg.stddev_clip))).mean()
-    actor_opt.zero_grad()
-    actor_loss.backward()
-    actor_opt.step()
-    with torch.no_grad():
-        for target, online in zip(hand.critic_target.parameters(), hand.critic.parameters()):
-            target.copy_(0.25 * online + 0.75 * target)
+    actor_loss = hand_actor_step_and_target(hand, features, 0.5, cfg.stddev_clip, actor_opt, tau=0.25)
 
     assert module.last_metrics["train/critic_loss"] == pytest.approx(critic_loss.item(), rel=1e-5)
     # the overlaid term is there, with its own weight: neither the clean loss alone nor PIE-G's mean would match

@@ -10,7 +10,6 @@ import csv
 import importlib.util
 import io
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, OutputProcess
 
 from lightning_pieg import checkpoints, experiments, reproduce, stats
 from lightning_pieg.console import UserError
@@ -55,40 +54,11 @@ def script_main():
     return module.main
 
 
-class Command:
+class Command(OutputProcess):
     """``scripts/reproduce.py`` in a subprocess whose output a thread reads, so that every wait times out."""
 
     def __init__(self, cwd: Path, *args: str):
-        self.process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                                        env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [self._queue.put(line) for line in self.process.stdout], daemon=True).start()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.lines and text in self.lines[-1]):
-            try:
-                self.lines.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0.01)))
-            except queue.Empty:
-                self.process.kill()
-                pytest.fail(f"no line with {text!r} within {timeout} s:\n{self.output}")
-
-    def finish(self, timeout: float) -> int:
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            pytest.fail(f"still running after {timeout} s:\n{self.output}")
-        time.sleep(0.2)
-        while not self._queue.empty():
-            self.lines.append(self._queue.get())
-        return self.process.returncode
+        super().__init__([sys.executable, str(SCRIPT), *args], cwd)
 
 
 def runs_by_name(uri: str) -> dict[str, list]:

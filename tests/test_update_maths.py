@@ -63,6 +63,20 @@ def hand_sample(mu: torch.Tensor, std: float, clip: float | None, straight_throu
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------------
+def hand_actor_step_and_target(hand, features: torch.Tensor, std: float, clip: float, actor_opt,
+                               tau: float) -> torch.Tensor:
+    """DrQ-v2's actor step on detached features, then the target critic's ``tau`` lerp; returns the actor loss."""
+    f = features.detach()
+    actor_loss = -torch.min(*hand_q(hand.critic, f, hand_sample(hand_actor_mean(hand.actor, f), std, clip))).mean()
+    actor_opt.zero_grad()
+    actor_loss.backward()
+    actor_opt.step()
+    with torch.no_grad():
+        for target, online in zip(hand.critic_target.parameters(), hand.critic.parameters()):
+            target.copy_(tau * online + (1 - tau) * target)
+    return actor_loss
+
+
 def perturb_(module: torch.nn.Module, scale: float = 0.2) -> None:
     """Add noise to every parameter: non-zero biases and LayerNorm affines, so a dropped term shows."""
     with torch.no_grad():
@@ -407,14 +421,7 @@ def test_training_step_matches_a_hand_written_drqv2_update(module, monkeypatch):
     critic_opt.zero_grad()
     critic_loss.backward()
     critic_opt.step()
-    f = features.detach()
-    actor_loss = -torch.min(*hand_q(hand.critic, f, hand_sample(hand_actor_mean(hand.actor, f), std, CLIP))).mean()
-    actor_opt.zero_grad()
-    actor_loss.backward()
-    actor_opt.step()
-    with torch.no_grad():
-        for target, online in zip(hand.critic_target.parameters(), hand.critic.parameters()):
-            target.copy_(0.25 * online + 0.75 * target)
+    actor_loss = hand_actor_step_and_target(hand, features, std, CLIP, actor_opt, tau=0.25)
 
     assert module.last_metrics["train/stddev"] == pytest.approx(std)
     assert module.last_metrics["train/critic_loss"] == pytest.approx(critic_loss.item(), rel=1e-5)
