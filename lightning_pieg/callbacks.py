@@ -248,13 +248,13 @@ class FrameCheckpoint(pl.Callback):
         self.directory, self.keep, self.save_replay = Path(directory), keep, save_replay
         self.config, self.print = config, print_fn
         self._marks = Every(every_frames)
+        self._after_stop = False  # the checkpoint being written is the resumable one after a stop
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._marks.start(_stream(trainer).collector.frame)
-        self._after_stop = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if getattr(self, "_after_stop", False):
+        if self._after_stop:
             # written after Lightning closed the epoch: record it as still running (as a periodic checkpoint does),
             # or the resumed run would find its one epoch done and end at once
             checkpoint["epoch"] = 0

@@ -77,9 +77,6 @@ class ReplayStream(IterableDataset):
     def update_due(self, step: int) -> bool:
         return self.first_update_step <= step < self.total_steps and step % self.update_every_steps == 0
 
-    def num_updates(self, from_step: int = 0) -> int:
-        return count_updates(self.first_update_step, self.total_steps, self.update_every_steps, from_step)
-
     def __iter__(self) -> Iterator[Batch]:
         collector = self.collector
         while collector.stats.step < self.total_steps:
@@ -116,12 +113,10 @@ class ReplayDataModule(pl.LightningDataModule):
         self.build, self.seed_steps, self.rank_state = build, seed_steps, rank_state
         self.stream: ReplayStream | None = None
         self.replay_restored = False
-        self.rank = 0
 
     def setup(self, stage: str) -> None:
         if self.stream is None:
             trainer = self.trainer
-            self.rank = trainer.global_rank
             self.stream = self.build(trainer.global_rank, trainer.local_rank, trainer.world_size)
             if trainer.world_size > 1:
                 self.stream.agree = lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False)
@@ -154,8 +149,9 @@ class ReplayDataModule(pl.LightningDataModule):
         if not state.get("resumable", False):
             raise ValueError("this checkpoint holds weights for acting and evaluation only and cannot resume "
                              "training; resume from one of the periodic checkpoints instead")
-        if self.rank > 0:  # the Lightning checkpoint holds rank 0's state; this process's is in its own file
-            state = self.rank_state(self.rank)
+        rank = self.trainer.global_rank
+        if rank > 0:  # the Lightning checkpoint holds rank 0's state; this process's is in its own file
+            state = self.rank_state(rank)
         state = from_checkpoint(state)
         self.collector.load_state_dict(state["collector"], replay_restored=self.replay_restored)
         torch.set_rng_state(state["torch_rng"])

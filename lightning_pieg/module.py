@@ -180,12 +180,6 @@ class PIEGModule(pl.LightningModule):
         """``MSE(Q1, target) + MSE(Q2, target)``."""
         return F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
 
-    def critic_loss(self, features: torch.Tensor, action: torch.Tensor,
-                    target_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``MSE(Q1, target) + MSE(Q2, target)`` of the critic at ``features``; returns the loss and both Qs."""
-        q1, q2 = self.critic(features, action)
-        return self.q_loss(q1, q2, target_q), q1, q2
-
     def actor_loss(self, features: torch.Tensor, std: float) -> tuple[torch.Tensor, torch.distributions.Normal]:
         """``-mean(min(Q1, Q2))`` at the actor's clipped noisy action; the features are detached, so only the
         actor learns from it."""

@@ -118,10 +118,8 @@ def make_logger(cfg: DictConfig, resume_run_id: str | None = None, output_dir: P
                                 f"mlflow.tracking_uri=<the store the run logged to>.") from None
         client(uri).update_run(run_id, status="RUNNING")
     name = cfg.mlflow.run_name or f"{cfg.task}-{cfg.method}-s{cfg.seed}"  # agent=pieg's name: method=pieg
-    logger = FrameLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_name=None if run_id else name,
-                         run_id=run_id, skip_through=skip_through)
-    logger.config_tags = {str(key): str(value) for key, value in (cfg.mlflow.get("tags") or {}).items()}
-    return logger
+    return FrameLogger(experiment_name=cfg.mlflow.experiment, tracking_uri=uri, run_name=None if run_id else name,
+                       run_id=run_id, skip_through=skip_through)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -173,7 +171,8 @@ def log_resume(logger: MLFlowLogger, frame: int, changes: dict[str, tuple[Any, A
     _log_params(logger, {f"{prefix}.{key}": "none" if new is None else str(new) for key, (_, new) in changes.items()})
 
 
-def log_tags(logger: MLFlowLogger, renderer: str = "") -> None:
+def log_tags(logger: MLFlowLogger, renderer: str = "", extra: dict | None = None) -> None:
+    """The run's software versions, renderer and commit, and ``extra`` (``mlflow.tags``; set again on resume)."""
     if not isinstance(logger, MLFlowLogger):
         return
     import dm_control
@@ -186,7 +185,7 @@ def log_tags(logger: MLFlowLogger, renderer: str = "") -> None:
             "dm_control": getattr(dm_control, "__version__", _dist_version("dm_control")),
             "pytorch_lightning": pytorch_lightning.__version__, "renderer": os.environ.get("MUJOCO_GL", ""),
             "gl_renderer": renderer,
-            "git_commit": _git_commit(), **getattr(logger, "config_tags", {})}  # mlflow.tags: set again on resume
+            "git_commit": _git_commit(), **{str(key): str(value) for key, value in (extra or {}).items()}}
     for key, value in tags.items():
         logger.experiment.set_tag(logger.run_id, key, value)
 

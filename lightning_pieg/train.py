@@ -188,7 +188,7 @@ def _train(cfg: DictConfig, trainer: pl.Trainer, resume: checkpoints.Resume | No
             log_config(logger, cfg)
         else:
             log_resume(logger, resume.frame, resume.changes)
-        log_tags(logger, renderer)
+        log_tags(logger, renderer, cfg.mlflow.tags)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         log_artifact(logger, output_dir / "config.yaml")
         trainer.logger = logger

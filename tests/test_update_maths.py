@@ -256,14 +256,15 @@ def test_td_target_min_is_elementwise(module):
         assert (target - (reward + discount * wrong)).abs().max() > 1e-3
 
 
-# --- 4. critic_loss --------------------------------------------------------------------------------------------------
+# --- 4. q_loss -----------------------------------------------------------------------------------------------------
 def test_critic_loss_is_sum_of_both_mses_of_the_online_critic(module):
-    """loss = mean((Q1 - t)^2) + mean((Q2 - t)^2) of the online critic; returns Q1 and Q2 too."""
+    """loss = mean((Q1 - t)^2) + mean((Q2 - t)^2) of the online critic's two estimates (``q_loss``)."""
     features = features_of(module)
     g = torch.Generator().manual_seed(4)
     action = torch.rand(BATCH, ACTION_DIM, generator=g) * 2 - 1
     target = torch.randn(BATCH, 1, generator=g)
-    loss, q1, q2 = module.critic_loss(features, action, target)
+    q1, q2 = module.critic(features, action)
+    loss = module.q_loss(q1, q2, target)
 
     hq1, hq2 = hand_q(module.critic, features, action)
     torch.testing.assert_close(q1, hq1)
