@@ -102,6 +102,7 @@ class TrainerConfig:
                          "works under torchrun and srun; spawn-based strategies cannot carry the environments over)")
     ddp_timeout_s: float = rule(1800.0, low=0.0, low_open=True)
     precision: str = rule("32-true", choices=PRECISIONS)
+    reuse_freed_memory: bool = True
     log_every_n_updates: int = rule(50, low=1)
 
 

@@ -52,6 +52,22 @@ class CriticForward(torch.nn.Module):
 
 
 @contextmanager
+def cast_once(device_type: str) -> Iterator[None]:
+    """Under mixed precision, cast each trainable weight to the low precision once for the whole block instead of
+    once per use. Lightning's autocast runs with the cast cache off, so PIE-G's 250 MB head would be cast for each
+    of the critic's three encoder passes and get a gradient cast back per pass; with the cache, one cast and one
+    gradient. Entries are dropped at the end: an optimiser step afterwards changes the weights."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    try:
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
+
+
+@contextmanager
 def no_parameter_grads(module: torch.nn.Module) -> Iterator[None]:
     """Gradients flow through ``module`` to its inputs but not into its parameters: the actor loss differentiates
     the critic with respect to the action only (the critic's parameter gradients would be discarded anyway, and
@@ -219,7 +235,8 @@ class PIEGModule(pl.LightningModule):
 
             images = self.overlay_images.sample(obs.shape[0]).to(self.device)
             overlaid = overlay(obs, images, self.hparams.overlay_alpha)
-        features, next_features, (q1, q2), overlaid_q = self.trained["critic"](obs, action, next_obs, overlaid)
+        with cast_once(self.device.type):
+            features, next_features, (q1, q2), overlaid_q = self.trained["critic"](obs, action, next_obs, overlaid)
         target_q = self.td_target(reward, discount, next_features, std)
         critic_loss = self.q_loss(q1, q2, target_q)
         if overlaid_q is not None:  # SVEA's weighting; PIE-G's 0.5 * (clean + overlaid) is alpha = beta = 0.5

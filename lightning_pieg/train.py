@@ -17,7 +17,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_pieg  # noqa: F401  (torch/torchvision before dm_control: see lightning_pieg/__init__.py)
-from lightning_pieg import checkpoints, distributed, pipeline
+from lightning_pieg import checkpoints, distributed, host_memory, pipeline
 from lightning_pieg.callbacks import (DivergenceError, DivergenceGuard, FrameCheckpoint, GracefulStop,
                                       PeriodicEvaluation, TrainingProgress)
 from lightning_pieg.collector import Collector
@@ -148,6 +148,8 @@ def _train(cfg: DictConfig, trainer: pl.Trainer, resume: checkpoints.Resume | No
     renderer = renderer_string()
     say(f"{f'process {rank}: ' if world_size > 1 else ''}OpenGL renderer: {renderer} "
         f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')}{f', GPU {render_gpu}' if render_gpu is not None else ''})")
+    if cfg.trainer.reuse_freed_memory:
+        host_memory.keep_freed_memory()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same initial networks on every process
     module = PIEGModule(obs_shape=pipeline.observation_shape(cfg), action_dim=pipeline.action_dim(cfg, eval_targets),
                         encoder_state_dict=encoder_weights, **pipeline.module_arguments(cfg))

@@ -36,7 +36,8 @@ BATCH = {"pieg": 32, "drqv2": 64}
 
 
 class Split(pl.Callback):
-    """Where the wall time after the seed phase went (from the first update to the end of training)."""
+    """Where the wall time after the seed phase went: from the end of the first update to the end of the last (so
+    neither the first update, which starts the image threads, nor the final checkpoint counts)."""
 
     def __init__(self):
         self.started, self.frames_at_start = None, 0
@@ -46,15 +47,14 @@ class Split(pl.Callback):
         return dict(collector.seconds, sample=stream.sample_seconds, update=pl_module.update_seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.started is None and outputs:  # the first update: the seed phase is over
-            self.started, self.frames_at_start = time.perf_counter(), trainer.datamodule.collector.frame
-            self.base = self._seconds(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self.wall = time.perf_counter() - self.started
-        now = self._seconds(trainer, pl_module)
-        self.parts = {key: now[key] - self.base[key] for key in now}
-        self.frames = trainer.datamodule.collector.frame - self.frames_at_start
+        if not outputs:  # no update in this batch
+            return
+        now, frame, seconds = time.perf_counter(), trainer.datamodule.collector.frame, self._seconds(trainer, pl_module)
+        if self.started is None:  # the first update: the seed phase is over
+            self.started, self.frames_at_start, self.base = now, frame, seconds
+        self.wall = now - self.started
+        self.parts = {key: seconds[key] - self.base[key] for key in seconds}
+        self.frames = frame - self.frames_at_start
 
 
 def synthetic_images(folder: Path, count: int = 64) -> Path:

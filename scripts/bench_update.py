@@ -15,8 +15,9 @@ Printed tables:
   1. fp32, per agent and batch: median seconds per update, FLOPs of one update (counted once with
      torch.utils.flop_counter.FlopCounterMode: forward and backward of the whole update), GFLOP/s, and that rate as
      a fraction of an fp32 N^3 matmul's GFLOP/s timed in the same run.
-  2. fp32 against bf16 (the whole training_step inside torch.autocast(device, bfloat16); parameters, gradients and
-     Adam stay fp32): the speed ratio, and the relative change of the first update's critic loss (the actor loss
+  2. fp32 against bf16 (the whole training_step inside the forward context of Lightning's bf16-mixed precision
+     plugin, as ``trainer.precision=bf16-mixed`` runs it: autocast with its cast cache off, the module's
+     ``cast_once`` casting the encoder and critic weights once per update; parameters, gradients and Adam stay fp32): the speed ratio, and the relative change of the first update's critic loss (the actor loss
      beside it), from identical module copies on the same batch with torch reseeded before each.
   3. Peak memory of one configuration alone, in a fresh process: on GPU torch.cuda.max_memory_allocated, on CPU
      the growth of the process's peak RSS over its first updates (VmHWM from /proc/self/status, which is
@@ -44,6 +45,8 @@ from torch.distributions.utils import _standard_normal
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_pieg  # noqa: F401  (import order)
+from pytorch_lightning.plugins.precision import MixedPrecision
+from lightning_pieg.host_memory import keep_freed_memory
 from lightning_pieg.module import PIEGModule
 from lightning_pieg.replay import Replay
 
@@ -103,10 +106,11 @@ def attach_optimisers(module: PIEGModule) -> PIEGModule:
 
 
 def update(module: PIEGModule, batch: tuple[torch.Tensor, ...], precision: str) -> dict[str, float]:
-    """One whole update (``training_step``); bf16 wraps all of it in autocast. Returns its logged metrics."""
-    autocast = (torch.autocast(module.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else nullcontext())
-    with autocast:
+    """One whole update (``training_step``); bf16 runs it in Lightning's bf16-mixed forward context, as training
+    does. Returns its logged metrics."""
+    context = (MixedPrecision("bf16-mixed", module.device.type).forward_context() if precision == "bf16"
+               else nullcontext())
+    with context:
         module.training_step(iter([(batch, 0, 0)]))
     return module.last_metrics
 
@@ -208,10 +212,12 @@ def peak_rss_bytes() -> tuple[int, str]:
 
 
 def memory_probe(agent: str, precision: str, batch_size: int, device_name: str,
-                 threads: int) -> tuple[float, float, str]:
+                 threads: int, reuse_freed_memory: bool) -> tuple[float, float, str]:
     """In a fresh process: (MiB before the updates, peak MiB during ``MEMORY_UPDATES`` updates, what was read).
     GPU: torch's allocated and max allocated bytes; CPU: the process's peak RSS before and after."""
     torch.set_num_threads(threads)
+    if reuse_freed_memory:
+        keep_freed_memory()
     device = resolve_device(device_name)
     module = attach_optimisers(build_module(agent, batch_size, device))
     batch = make_batch(batch_size, device)
@@ -232,7 +238,8 @@ def memory_probe(agent: str, precision: str, batch_size: int, device_name: str,
     return before / 2 ** 20, peak / 2 ** 20, source
 
 
-def measure_memory(batches: list[int], device_name: str) -> dict[tuple[str, int, str], tuple[float, float, str]]:
+def measure_memory(batches: list[int], device_name: str,
+                   reuse_freed_memory: bool) -> dict[tuple[str, int, str], tuple[float, float, str]]:
     """One fresh (spawned) process per configuration, so no configuration's peak hides another's."""
     context = multiprocessing.get_context("spawn")
     memory = {}
@@ -241,7 +248,8 @@ def measure_memory(batches: list[int], device_name: str) -> dict[tuple[str, int,
             for precision in PRECISIONS:
                 with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                     memory[agent, batch_size, precision] = pool.submit(
-                        memory_probe, agent, precision, batch_size, device_name, torch.get_num_threads()).result()
+                        memory_probe, agent, precision, batch_size, device_name, torch.get_num_threads(),
+                        reuse_freed_memory).result()
     return memory
 
 
@@ -289,8 +297,8 @@ def print_tables(results: dict[tuple[str, int, str], dict], memory: dict | None,
         print(f"| {agent} | {batch} | {fp32['seconds']:.4f} | {fp32['flops'] / 1e9:,.1f} | {rate:,.1f} | "
               f"{rate / matmul:.3f} |")
 
-    print(f"\n**2. fp32 against bf16** (bf16: the whole training_step inside torch.autocast({device.type!r}, "
-          f"bfloat16); {timing}). Losses: the first update of identical module copies on the same batch, torch "
+    print(f"\n**2. fp32 against bf16** (bf16: the whole training_step in Lightning's bf16-mixed forward context "
+          f"on {device.type!r}, as training runs it; {timing}). Losses: the first update of identical module copies on the same batch, torch "
           f"reseeded before each; relative change = (bf16 - fp32) / |fp32|. The actor loss (-mean min Q, near 0 at "
           f"random weights) is shown as values. 'same noise': whether the actor's first noise draw in bf16 is the "
           f"fp32 draw rounded (otherwise the two losses also differ by their noise).\n")
@@ -335,16 +343,19 @@ def main() -> None:
     parser.add_argument("--matmul-repeats", type=int, default=5)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="table 3 (one fresh process per configuration)")
+    parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc keeps large freed blocks, as training does (trainer.reuse_freed_memory)")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be at least 1 and --warmup at least 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    reusing = args.reuse_freed_memory and keep_freed_memory()
 
     print(f"machine: {machine(device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, float32 matmul precision "
-          f"{torch.get_float32_matmul_precision()!r}")
+          f"{torch.get_float32_matmul_precision()!r}, freed memory kept for reuse: {'yes' if reusing else 'no'}")
     matmul = matmul_gflops(args.matmul_size, args.matmul_repeats, device)
     print(f"fp32 {args.matmul_size}^3 matmul: {matmul:,.1f} GFLOP/s (median of {args.matmul_repeats})", flush=True)
 
@@ -353,7 +364,7 @@ def main() -> None:
         for (agent, precision), result in measure_batch(batch, args, device).items():
             results[agent, batch, precision] = result
             print(f"  batch {batch} {agent} {precision}: {result['seconds']:.4f} s", flush=True)
-    memory = measure_memory(args.batches, args.device) if args.memory else None
+    memory = measure_memory(args.batches, args.device, args.reuse_freed_memory) if args.memory else None
     print_tables(results, memory, matmul, args, device)
 
     replay = Replay(1000, (3, 84, 84), ACTION_DIM, frame_stack=3, nstep=3, discount=0.99)

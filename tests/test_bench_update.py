@@ -85,7 +85,7 @@ def test_measure_batch_fills_every_configuration(tiny):
 
 
 def test_memory_probe_reads_a_peak_that_does_not_fall(tiny):
-    before, peak, source = tiny.memory_probe("drqv2", "fp32", 4, "cpu", torch.get_num_threads())
+    before, peak, source = tiny.memory_probe("drqv2", "fp32", 4, "cpu", torch.get_num_threads(), False)
     assert 0 < before <= peak
     assert "VmHWM" in source  # Linux: the per-process-image peak, not ru_maxrss inherited over fork + exec
 
