@@ -1,7 +1,9 @@
 """Shared fixtures: tiny, seeded configurations that run on one CPU in seconds."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -9,6 +11,15 @@ import torch
 import lightning_pieg  # noqa: F401  (torch before dm_control)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str, module_name: str | None = None) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # A PIE-G run small enough for CI: random frozen weights, narrow heads, short cartpole episodes (50 agent steps).
 TINY = [

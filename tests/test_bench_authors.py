@@ -2,7 +2,6 @@
 child's shims and timing run for real against a tiny fake checkout written here, and the errors are one line."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import load_script
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,10 +178,7 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_authors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_authors")
 
 
 def fake_checkout(folder: Path, fail: bool = False) -> Path:

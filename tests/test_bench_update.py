@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_update.py"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_update", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_update")
 
 
 @pytest.fixture

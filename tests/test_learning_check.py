@@ -3,21 +3,18 @@ and the training frames/s it reports."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "learning_check.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("learning_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def learning_check():
+    return load_script("learning_check")
 
 
 def test_quick_learning_check_trains_seeds_side_by_side_and_reports_them_again(tmp_path):
@@ -48,7 +45,7 @@ def test_quick_learning_check_trains_seeds_side_by_side_and_reports_them_again(t
 
 
 def test_training_fps_is_the_median_episode_rate_after_the_seed_phase():
-    training_fps = load_script().training_fps
+    training_fps = learning_check().training_fps
     # (frame, ms): seed episodes at 100 frames/s, then 20 frames/s, one episode slowed by an evaluation
     ends = [(1000, 10_000), (2000, 20_000), (3000, 70_000), (4000, 120_000), (5000, 470_000), (6000, 520_000)]
     assert training_fps(ends, seed_frames=2000) == pytest.approx(20.0)
@@ -62,7 +59,7 @@ def test_side_by_side_creates_the_experiment_before_any_seed_starts(tmp_path):
     import argparse
 
     import mlflow
-    script = load_script()
+    script = learning_check()
     args = argparse.Namespace(out=tmp_path, jobs=2, seeds=[])  # no seed: only the set-up runs
     script.train_side_by_side(args)
     client = mlflow.MlflowClient(script.tracking_uri(tmp_path))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, OutputProcess
+from conftest import TINY, OutputProcess, load_script
 
 from lightning_pieg import checkpoints, experiments, reproduce, stats
 from lightning_pieg.console import UserError
@@ -48,10 +47,7 @@ def uri_of(root: Path) -> str:
 
 
 def script_main():
-    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("reproduce", "reproduce_script").main
 
 
 class Command(OutputProcess):
