@@ -51,7 +51,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -348,24 +347,12 @@ def order(configs: list, repeat: int) -> list:
     return configs if repeat % 2 == 0 else configs[::-1]
 
 
-def load_bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", HERE / "bench_train.py")
+def load_script(name: str):
+    """``scripts/<name>.py`` beside this one, as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {os.cpu_count()} cores ({usable} usable)"
 
 
 def collector(envs: int) -> str:
@@ -411,10 +398,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    bench_train = load_bench_train()
+    bench_train = load_script("bench_train")
     ours_args = SimpleNamespace(task=TASK, batch=args.batch, frames=args.frames, seed_frames=args.seed_frames,
                                 accelerator="cpu")
-    print(f"machine: {machine()}\ntorch {torch.__version__}\nthe authors' checkout: {authors}", flush=True)
+    print(f"machine: {load_script('bench_update').machine(torch.device('cpu'))}\ntorch {torch.__version__}\nthe authors' checkout: {authors}", flush=True)
     configs = [("authors", 0, "32-true"), *(("ours", envs, precision) for envs, precision in ours)]
     results: dict[tuple, list[dict]] = {config: [] for config in configs}
     with tempfile.TemporaryDirectory(prefix="bench_authors_") as tmp:
