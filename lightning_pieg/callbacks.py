@@ -18,9 +18,10 @@ from lightning_pieg.checkpoints import (atomic_write, checkpoint_path, clean_lef
 from lightning_pieg.console import UserError
 from lightning_pieg.data import ReplayDataModule
 from lightning_pieg.policy import mean_action_policy, one_at_a_time
-from lightning_pieg.rollouts import EpisodeMetrics, episodes_per_process, run_episode
+from lightning_pieg.rollouts import EpisodeMetrics, EpisodeStarts, episodes_per_process, run_episode, run_lockstep
 from lightning_pieg.tracking import log_artifact
 from lightning_pieg.video import write_video
+from lightning_pieg.workers import EnvWorkers
 
 
 class DivergenceError(UserError):
@@ -140,13 +141,19 @@ class PeriodicEvaluation(pl.Callback):
     action in each of ``targets`` (the evaluation modes, each with its BatchNorm statistics: ``train`` uses the
     running ones, as the authors' training loop); logs ``eval/<mode>/*`` and uploads each mode's first episode as
     an mp4. Returns, lengths and successes are aggregated with torchmetrics: under DDP each process plays its share
-    of the episodes on environments that ``make_env(mode, rank)`` builds with seeds of their own."""
+    of the episodes on environments that ``make_env(mode, rank)`` builds with seeds of their own.
+
+    With ``make_workers(mode, rank, count)`` (``EnvWorkers``, started for each evaluation) the episodes run in
+    lockstep on ``count`` worker processes, ``num_workers`` at most, with one batched act per step; each episode
+    starts where the mode's own environment would start it when playing them one after another (``run_lockstep``)."""
 
     def __init__(self, targets: list[EvalEnv], num_episodes: int, every_frames: int, video_dir: Path | None,
                  print_fn: Callable[[str], None] = print,
-                 make_env: Callable[[str, int], dm_env.Environment] | None = None, stop_on_success: bool = True):
+                 make_env: Callable[[str, int], dm_env.Environment] | None = None, stop_on_success: bool = True,
+                 make_workers: Callable[[str, int, int], EnvWorkers] | None = None, num_workers: int = 0):
         self.targets = list(targets)
         self.num_episodes, self.make_env, self.stop_on_success = num_episodes, make_env, stop_on_success
+        self.make_workers, self.num_workers = make_workers, num_workers
         self.video_dir, self.print = video_dir, print_fn
         self._marks = Every(every_frames)
         self._last_frame: int | None = None
@@ -166,11 +173,17 @@ class PeriodicEvaluation(pl.Callback):
         started = time.perf_counter()
         episodes_here = episodes_per_process(self.num_episodes, trainer.world_size)
         for target in self.targets:  # the same order on every process: compute() is a collective under DDP
-            act = one_at_a_time(mean_action_policy(pl_module, target.per_observation_bn))
+            policy = mean_action_policy(pl_module, target.per_observation_bn)
             record = self.video_dir is not None and trainer.is_global_zero
             metrics = EpisodeMetrics(pl_module.device)
-            episodes = [run_episode(target.env, act, record=record and i == 0, stop_on_success=self.stop_on_success)
-                        for i in range(episodes_here)]
+            if self.make_workers is not None and self.num_workers > 0:
+                count = min(self.num_workers, episodes_here)
+                with self.make_workers(target.mode, trainer.global_rank, count) as workers:
+                    episodes = run_lockstep(workers, policy, episodes_here, EpisodeStarts(target.env),
+                                            record_first=record, stop_on_success=self.stop_on_success)
+            else:
+                episodes = [run_episode(target.env, one_at_a_time(policy), record=record and i == 0,
+                                        stop_on_success=self.stop_on_success) for i in range(episodes_here)]
             for episode in episodes:
                 metrics.update(episode)
             summary = metrics.compute()

@@ -135,6 +135,7 @@ class TrainConfig:
     update_every_steps: int = rule(2, low=1)
     eval_every_frames: int = rule(10_000, low=0)
     num_eval_episodes: int = rule(10, low=0)
+    eval_workers: int = rule(0, low=0, high=64, hint=" (0: the episodes one after another in this process)")
     save_video: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)
     diag: DiagConfig = field(default_factory=DiagConfig)
@@ -168,6 +169,7 @@ class EvaluateConfig:
     episodes: int = rule(100, low=1)
     seed: Optional[int] = rule(None, low=0)
     num_envs: int = rule(4, low=1)
+    env_workers: bool = True
     device: str = rule("auto", choices=("auto", "cpu", "cuda"))
     video: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -50,10 +50,11 @@ def count_updates(first_update_step: int, total_steps: int, update_every_steps: 
 
 class ReplayStream(IterableDataset):
     """Interleaves collection and updates exactly as DrQ-v2's loop: at each vector step (one agent step of every
-    environment, global steps ``s .. s + N - 1``) choose the actions, send them to the environments, yield a batch
-    for every step ``t`` of them with an update due (``t >= first_update_step`` and ``t % update_every_steps == 0``)
-    while the environments step, then record the step. Iteration ends when the run's agent-step budget is spent,
-    so a run stops at its frame budget (the first multiple of ``N`` agent steps at or beyond it).
+    environment, global steps ``s .. s + N - 1``) choose the actions, sample a batch for every step ``t`` of them with
+    an update due (``t >= first_update_step`` and ``t % update_every_steps == 0``), send the actions to the
+    environments, yield the batches while the environments step, then record the step. Iteration ends when the
+    run's agent-step budget is spent, so a run stops at its frame budget (the first multiple of ``N`` agent steps at
+    or beyond it).
 
     Under DDP every process runs its own stream. The update schedule uses only counters that are equal on every
     process (this process's agent steps; the processes step in lockstep), never episode ends, replay sizes or wall
@@ -85,15 +86,18 @@ class ReplayStream(IterableDataset):
                 if collector.at_fresh_episode and self.agree(bool(self.stop_requested)):
                     self.stop_requested = self.stop_requested or "another process's stop"
                     return  # a resumable point: the checkpoint callback writes it at the end of training
-                collector.launch()
                 start = collector.stats.step
                 due = [step for step in range(start, start + collector.num_envs) if self.update_due(step)]
-                for left, step in zip(range(len(due) - 1, -1, -1), due):
+                # Sampled before the environments step (the replay is the same until advance()), so that sampling
+                # does not compete with the workers for the CPU. The update's exploration-noise schedule reads the
+                # run-wide step (equal on every process).
+                started = time.perf_counter()
+                batches = [(*collector.replay.sample(self.batch_size), torch.tensor(step * collector.world_size))
+                           for step in due]
+                self.sample_seconds += time.perf_counter() - started
+                collector.launch()
+                for left, batch in zip(range(len(batches) - 1, -1, -1), batches):
                     self.updates_left_this_step = left
-                    started = time.perf_counter()
-                    # the update's exploration-noise schedule reads the run-wide step (equal on every process)
-                    batch = (*collector.replay.sample(self.batch_size), torch.tensor(step * collector.world_size))
-                    self.sample_seconds += time.perf_counter() - started
                     yield batch
             collector.advance()
 

@@ -2,10 +2,11 @@
 
 Defaults follow the paper: 100 episodes per mode, mean actions, environment seed = training seed + 42, the task's
 own episode length, the training frame stack, action repeat and image size, and per-observation BatchNorm
-statistics (``eval.bn``). ``num_envs`` environments run in lockstep and their observations share one encoder
-pass; episode k starts the same way whatever ``num_envs`` is (see ``rollouts.py``). Results go to the checkpoint's
-MLflow run (``eval/<mode>/*`` at the checkpoint's frame) with a CSV, a markdown table and an mp4 of each mode's
-first episode. Every request error (checkpoint, mode, data folder, MLflow run) stops before the module is loaded.
+statistics (``eval.bn``). ``num_envs`` environments (each in a worker process unless ``env_workers=false``) run in
+lockstep and their observations share one encoder pass; episode k starts the same way whatever ``num_envs`` is (see
+``rollouts.py``). Results go to the checkpoint's MLflow run (``eval/<mode>/*`` at the checkpoint's frame) with a
+CSV, a markdown table and an mp4 of each mode's first episode. Every request error (checkpoint, mode, data folder,
+MLflow run) stops before the module is loaded.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from lightning_pieg.envs.distracting import reported_name
 from lightning_pieg.policy import load_module, mean_action_policy
 from lightning_pieg.rollouts import EpisodeMetrics, EpisodeStarts, evaluation_seed, run_lockstep
 from lightning_pieg.video import write_video
+from lightning_pieg.workers import EnvWorkers, InProcessEnvs, egl_devices
 
 CSV_COLUMNS = ("mode", "episodes", "mean", "std", "success_rate", "mean_length", "frame", "env_seed", "bn")
 
@@ -119,8 +121,13 @@ def evaluate_mode(cfg: DictConfig, request: Plan, mode: str, reference, module, 
     """``cfg.episodes`` episodes of ``mode`` on ``cfg.num_envs`` environments in lockstep; logs the metrics and the
     first episode's video at once (a later mode's failure keeps them). Returns (CSV row, video path or None)."""
     name, started = request.names[mode], time.perf_counter()
-    workers = [envs.make(request.task, mode, seed=request.seed, **request.options)
-               for _ in range(min(cfg.num_envs, cfg.episodes))]
+    count = min(cfg.num_envs, cfg.episodes)
+    if cfg.env_workers:
+        workers = EnvWorkers(request.task, mode, [request.seed] * count, options=request.options,
+                             devices=egl_devices())
+    else:
+        workers = InProcessEnvs([envs.make(request.task, mode, seed=request.seed, **request.options)
+                                 for _ in range(count)])
     metrics = EpisodeMetrics()
     act = mean_action_policy(module, per_observation_bn=cfg.eval.bn == "per_observation")
     try:
@@ -133,8 +140,7 @@ def evaluate_mode(cfg: DictConfig, request: Plan, mode: str, reference, module, 
             episodes = run_lockstep(workers, act, cfg.episodes, EpisodeStarts(reference), record_first=cfg.video,
                                     stop_on_success=cfg.eval.stop_on_success, on_episode=finished)
     finally:
-        for env in workers:
-            env.close()
+        workers.close()
     summary = metrics.compute()
     tracking.log_step_metrics(request.uri, run_id, {f"eval/{name}/{key}": value for key, value in summary.items()},
                               request.frame)
@@ -195,7 +201,8 @@ def evaluate_checkpoint(cfg: DictConfig, output_dir: Path) -> dict:
                 f"{request.experiment!r}")
         say(f"evaluating {request.checkpoint} ({request.task}, frame {request.frame:,}) in "
             f"{', '.join(request.names.values())}: {cfg.episodes} episodes each, env seed {request.seed}, "
-            f"{cfg.num_envs} environments in lockstep, BatchNorm {cfg.eval.bn}; MLflow run {run_id}")
+            f"{cfg.num_envs} environments in lockstep{' (worker processes)' if cfg.env_workers else ''}, "
+            f"BatchNorm {cfg.eval.bn}; MLflow run {run_id}")
         output_dir.mkdir(parents=True, exist_ok=True)
         rows, videos = [], []
         for mode in request.names:

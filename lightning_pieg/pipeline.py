@@ -46,6 +46,15 @@ def make_eval_env(cfg: DictConfig, mode: str, rank: int = 0):
         raise ConfigError(f"eval.modes: {mode}: {error}") from None
 
 
+def build_eval_workers(cfg: DictConfig, mode: str, rank: int, count: int):
+    """``count`` worker processes with ``mode``'s evaluation environment for process ``rank`` (lockstep evaluation:
+    each episode's start is restored from the mode's own environment, so they all take its seed)."""
+    from lightning_pieg.workers import EnvWorkers, egl_devices
+
+    return EnvWorkers(cfg.task, mode, [evaluation_seed(cfg.seed, rank)] * count, options=eval_env_options(cfg),
+                      devices=egl_devices(), timeout=cfg.collector.worker_timeout_s)
+
+
 def build_eval_targets(cfg: DictConfig) -> list[EvalEnv]:
     """One environment per evaluation mode; ``train`` acts with running BatchNorm statistics (the authors' training
     loop), the others with ``eval.bn``."""
@@ -124,15 +133,14 @@ def build_training_envs(cfg: DictConfig, seed: int | None = None, render_gpu: in
     (``collector.num_envs`` processes; on a GPU host with EGL, worker i renders on GPU ``i % device_count``, or
     all on ``render_gpu``: a DDP process's own) or one ``InProcessEnvs`` environment."""
     from lightning_pieg.collector import env_seeds
-    from lightning_pieg.workers import EnvWorkers, InProcessEnvs
+    from lightning_pieg.workers import EnvWorkers, InProcessEnvs, egl_devices
 
     seed = cfg.seed if seed is None else seed
     if cfg.collector.num_envs == 0:
         return InProcessEnvs([envs.make(cfg.task, "train", seed=seed, **env_options(cfg))])
-    gpus = torch.cuda.device_count() if envs.select_backend() == "egl" else 0
-    devices = [render_gpu] if render_gpu is not None else list(range(gpus))
+    devices = [render_gpu] if render_gpu is not None else egl_devices()
     return EnvWorkers(cfg.task, "train", env_seeds(seed, cfg.collector.num_envs), options=env_options(cfg),
-                      devices=devices or None, timeout=cfg.collector.worker_timeout_s)
+                      devices=devices, timeout=cfg.collector.worker_timeout_s)
 
 
 def action_dim(cfg: DictConfig, eval_targets: list[EvalEnv]) -> int:

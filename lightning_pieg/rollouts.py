@@ -2,24 +2,24 @@
 
 Two ways to run episodes: ``run_episode`` plays one episode on one environment (training-time evaluation), and
 ``run_lockstep`` plays a fixed set of episodes on several environments at once, batching their observations into
-one ``act`` call per step. In ``run_lockstep`` episode k always starts where a reference environment (built like the
-others, same seed) is at its k-th reset when reset back to back (``EpisodeStarts``), so the results do not depend on
-how many environments share the work. For modes whose randomness is drawn at reset (every mode but
-``distracting_cs``, whose distractions keep drifting through a sequential run's episodes) that is exactly the
-sequential one-environment protocol.
+one ``act`` call per step; in worker processes (``EnvWorkers``) the environments step in parallel. In
+``run_lockstep`` episode k always starts where a reference environment (built like the others, same seed) is at its
+k-th reset when reset back to back (``EpisodeStarts``), so the results do not depend on how many environments share
+the work. For modes whose randomness is drawn at reset (every mode but ``distracting_cs``, whose distractions keep
+drifting through a sequential run's episodes) that is exactly the sequential one-environment protocol.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import dm_env
 import numpy as np
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from lightning_pieg.envs import get_reset_state, restore_reset_state
+from lightning_pieg.envs import get_reset_state
 
 EVAL_SEED_OFFSET = 42  # evaluation environments are seeded with the training seed + 42, as the authors'
 EVAL_RANK_SEED_STRIDE = 10_000  # under DDP, process r evaluates with seed + 42 + r * stride
@@ -35,19 +35,17 @@ class Episode:
     frames: list[np.ndarray] = field(default_factory=list)
 
 
-def _advance(env: dm_env.Environment, episode: Episode, action: np.ndarray, record: bool,
-             stop_on_success: bool) -> tuple[dm_env.TimeStep, bool]:
-    """One agent step of ``episode``; returns the time step and whether the episode is over."""
-    time_step = env.step(action)
-    episode.reward += float(time_step.reward)
+def _record(episode: Episode, reward: float, info: dict, last: bool, frame: np.ndarray | None,
+            stop_on_success: bool) -> bool:
+    """Add one agent step to ``episode``; returns whether the episode is over."""
+    episode.reward += float(reward)
     episode.length += 1
-    if record:
-        episode.frames.append(env.frame.copy())
-    done = time_step.last()
-    if "success" in env.info:
-        episode.success = bool(episode.success or env.info["success"])
-        done = done or (episode.success and stop_on_success)
-    return time_step, done
+    if frame is not None:
+        episode.frames.append(frame.copy())
+    if "success" in info:
+        episode.success = bool(episode.success or info["success"])
+        return last or (episode.success and stop_on_success)
+    return last
 
 
 def run_episode(env: dm_env.Environment, act: Callable[[np.ndarray], np.ndarray], record: bool = False,
@@ -59,7 +57,9 @@ def run_episode(env: dm_env.Environment, act: Callable[[np.ndarray], np.ndarray]
         episode.frames.append(env.frame.copy())
     done = False
     while not done:
-        time_step, done = _advance(env, episode, act(time_step.observation), record, stop_on_success)
+        time_step = env.step(act(time_step.observation))
+        done = _record(episode, time_step.reward, env.info, time_step.last(), env.frame if record else None,
+                       stop_on_success)
     return episode
 
 
@@ -81,63 +81,60 @@ class EpisodeStarts:
         return self._states[index], self._observations[index]
 
 
-class _Worker:
-    """An environment of ``run_lockstep`` and the episode it is playing."""
-
-    def __init__(self, env: dm_env.Environment):
-        self.env, self.resets = env, 0
-        self.index, self.episode, self.time_step = -1, Episode(0.0, 0), None
-
-    def start(self, index: int, starts: EpisodeStarts, record: bool) -> None:
-        state, first_observation = starts[index]
-        restore_reset_state(self.env, state, later_reset_on_fresh_env=index > 0 and self.resets == 0)
-        self.time_step = self.env.reset()
-        self.resets = index + 1
-        if not np.array_equal(self.time_step.observation, first_observation):
-            raise RuntimeError(f"episode {index} did not start as the reference environment's reset {index} did: "
-                               f"this environment family does not restore its whole reset state; fix its "
-                               f"reset_state/load_reset_state (see lightning_pieg.envs.get_reset_state).")
-        self.index, self.episode = index, Episode(reward=0.0, length=0)
-        if record:
-            self.episode.frames.append(self.env.frame.copy())
-
-
-def run_lockstep(envs: Sequence[dm_env.Environment], act: Callable[[np.ndarray], np.ndarray], num_episodes: int,
-                 starts: EpisodeStarts, record_first: bool = False, stop_on_success: bool = True,
+def run_lockstep(envs, act: Callable[[np.ndarray], np.ndarray], num_episodes: int, starts: EpisodeStarts,
+                 record_first: bool = False, stop_on_success: bool = True,
                  on_episode: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Play episodes ``0 .. num_episodes - 1`` on ``envs`` in lockstep; returns them in that order.
 
-    ``act`` maps a ``(B, *obs_shape)`` batch of observations (one per running environment) to ``(B, *action_shape)``
-    actions. An environment that finishes takes the next episode; ``record_first`` keeps episode 0's frames;
-    ``on_episode`` is called with every finished episode (progress bars, metrics).
+    ``envs`` is an ``EnvWorkers`` (its worker processes step in parallel), an ``InProcessEnvs`` or a list of
+    environments. ``act`` maps a ``(B, *obs_shape)`` batch of observations (one per running environment) to
+    ``(B, *action_shape)`` actions. An environment that finishes takes the next episode; ``record_first`` keeps
+    episode 0's frames; ``on_episode`` is called with every finished episode (progress bars, metrics).
     """
-    if not envs:
+    from lightning_pieg.workers import InProcessEnvs  # workers.py builds environments: imported where needed
+
+    pool = envs if hasattr(envs, "step_async") else InProcessEnvs(list(envs))
+    if len(pool) == 0:
         raise ValueError("run_lockstep needs at least one environment.")
-    workers = [_Worker(env) for env in envs]
     episodes: list[Episode | None] = [None] * num_episodes
-    running: list[_Worker] = []
-    next_index = 0
-    for worker in workers[:num_episodes]:
-        worker.start(next_index, starts, record_first and next_index == 0)
-        running.append(worker)
-        next_index += 1
-    while running:
-        actions = act(np.stack([worker.time_step.observation for worker in running]))
-        still_running = []
-        for worker, action in zip(running, actions):
-            worker.time_step, done = _advance(worker.env, worker.episode, action,
-                                              record_first and worker.index == 0, stop_on_success)
+    playing: dict[int, tuple[int, Episode, np.ndarray]] = {}  # env -> (episode index, episode, its observation)
+
+    def start(env_index: int, episode_index: int) -> None:
+        state, first_observation = starts[episode_index]
+        pool.set_reset_state(env_index, state, from_first_reset=episode_index == 0)
+        result = pool.reset([env_index])
+        if not np.array_equal(result.observation[0], first_observation):
+            raise RuntimeError(f"episode {episode_index} did not start as the reference environment's reset "
+                               f"{episode_index} did: this environment family does not restore its whole reset "
+                               f"state; fix its reset_state/load_reset_state (see "
+                               f"lightning_pieg.envs.get_reset_state).")
+        episode = Episode(reward=0.0, length=0)
+        if record_first and episode_index == 0:
+            episode.frames.append(result.frame[0].copy())
+        playing[env_index] = (episode_index, episode, result.observation[0].copy())
+
+    next_episode = min(len(pool), num_episodes)
+    for env_index in range(next_episode):
+        start(env_index, env_index)
+    while playing:
+        running = sorted(playing)
+        actions = act(np.stack([playing[index][2] for index in running]))
+        result = pool.step(np.asarray(actions), indices=running)
+        for row, env_index in enumerate(running):
+            episode_index, episode, _ = playing[env_index]
+            record = record_first and episode_index == 0
+            done = _record(episode, result.reward[row], result.info[row], bool(result.last[row]),
+                           result.frame[row] if record else None, stop_on_success)
             if not done:
-                still_running.append(worker)
+                playing[env_index] = (episode_index, episode, result.observation[row].copy())
                 continue
-            episodes[worker.index] = worker.episode
+            del playing[env_index]
+            episodes[episode_index] = episode
             if on_episode is not None:
-                on_episode(worker.episode)
-            if next_index < num_episodes:
-                worker.start(next_index, starts, False)
-                next_index += 1
-                still_running.append(worker)
-        running = still_running
+                on_episode(episode)
+            if next_episode < num_episodes:
+                start(env_index, next_episode)
+                next_episode += 1
     return episodes
 
 

@@ -31,6 +31,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+import torch
 
 from lightning_pieg.console import Fault
 
@@ -58,7 +59,8 @@ def _describe(error: BaseException) -> tuple:
     return [c.__name__ for c in type(error).__mro__], str(error), summary, "".join(traceback.format_exception(error))
 
 
-def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None) -> None:
+def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, device: int | None,
+            torch_threads: int) -> None:
     """The worker process: build the env, then serve commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the workers
     os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa llvmpipe threads: one per worker unless the user chose
@@ -68,6 +70,10 @@ def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, de
         import lightning_pieg  # noqa: F401  (torch before dm_control: see lightning_pieg/__init__.py)
         from lightning_pieg import envs
         from lightning_pieg.envs.wrappers import FrameStack
+
+        # DMC-GB's video resize (bilinear, then truncated to uint8) flips pixels by one with torch's thread count:
+        # the parent's count keeps a worker's pixels those of the same environment in the parent
+        torch.set_num_threads(torch_threads)
 
         env = envs.make(task, mode, seed=seed, **options)
         frame_spec = env._env.observation_spec() if isinstance(env, FrameStack) else env.observation_spec()
@@ -147,6 +153,14 @@ def _shutdown(processes: list, conns: list, memory: list, timeout: float) -> Non
 
 
 # ------------------------------------------------------------------------------------------------------ the parent
+def egl_devices() -> list[int] | None:
+    """The GPUs that workers can render on (EGL on a CUDA host), or None: the default device or software."""
+    from lightning_pieg import envs
+
+    count = torch.cuda.device_count() if envs.select_backend() == "egl" else 0
+    return list(range(count)) or None
+
+
 class EnvWorkers:
     """``len(seeds)`` environments ``envs.make(task, mode, seed=seeds[i], **options)``, each in its own process.
 
@@ -167,10 +181,12 @@ class EnvWorkers:
         self._pending: list[int] | None = None
         self._closer = weakref.finalize(self, _shutdown, self._processes, self._conns, self._memory, close_timeout)
         context = mp.get_context("spawn")
+        threads = torch.get_num_threads()
         for index, seed in enumerate(self.seeds):
             parent, child = context.Pipe()
             device = None if not devices else devices[index % len(devices)]
-            process = context.Process(target=_worker, args=(child, task, mode, seed, dict(options or {}), device),
+            process = context.Process(target=_worker,
+                                      args=(child, task, mode, seed, dict(options or {}), device, threads),
                                       name=f"env-worker-{index}", daemon=True)
             process.start()
             child.close()
@@ -343,14 +359,15 @@ class InProcessEnvs:
     def __init__(self, environments: Sequence):
         self.environments = list(environments)
         self.num = len(self.environments)
-        self._pending: np.ndarray | None = None
+        self._pending: tuple[list[int], np.ndarray] | None = None
         self._resets = [0] * self.num
 
-    def _steps(self, time_steps: list) -> Steps:
+    def _steps(self, indices: list[int], time_steps: list) -> Steps:
+        environments = [self.environments[index] for index in indices]
         return Steps(np.array([float(t.reward or 0.0) for t in time_steps]),
                      np.array([float(t.discount) for t in time_steps]), np.array([t.last() for t in time_steps]),
-                     [dict(env.info) for env in self.environments],
-                     np.stack([t.observation for t in time_steps]), np.stack([env.frame for env in self.environments]))
+                     [dict(env.info) for env in environments],
+                     np.stack([t.observation for t in time_steps]), np.stack([env.frame for env in environments]))
 
     def observation_spec(self):
         return self.environments[0].observation_spec()
@@ -358,18 +375,26 @@ class InProcessEnvs:
     def action_spec(self):
         return self.environments[0].action_spec()
 
-    def reset(self, indices: Sequence[int] | None = None) -> Steps:
-        if indices is not None and list(indices) != list(range(self.num)):
-            raise ValueError("InProcessEnvs resets all its environments together.")
-        self._resets = [count + 1 for count in self._resets]
-        return self._steps([env.reset() for env in self.environments])
+    def _indices(self, indices: Sequence[int] | None) -> list[int]:
+        return list(range(self.num)) if indices is None else list(indices)
 
-    def step_async(self, actions: np.ndarray) -> None:
-        self._pending = np.asarray(actions)
+    def reset(self, indices: Sequence[int] | None = None) -> Steps:
+        indices = self._indices(indices)
+        for index in indices:
+            self._resets[index] += 1
+        return self._steps(indices, [self.environments[index].reset() for index in indices])
+
+    def step_async(self, actions: np.ndarray, indices: Sequence[int] | None = None) -> None:
+        self._pending = (self._indices(indices), np.asarray(actions))
 
     def step_wait(self, timeout: float | None = None) -> Steps:
-        actions, self._pending = self._pending, None
-        return self._steps([env.step(action) for env, action in zip(self.environments, actions)])
+        (indices, actions), self._pending = self._pending, None
+        return self._steps(indices, [self.environments[index].step(action)
+                                     for index, action in zip(indices, actions)])
+
+    def step(self, actions: np.ndarray, indices: Sequence[int] | None = None) -> Steps:
+        self.step_async(actions, indices)
+        return self.step_wait()
 
     def get_reset_state(self, index: int) -> list:
         from lightning_pieg import envs

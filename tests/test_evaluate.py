@@ -26,6 +26,7 @@ from lightning_pieg.rollouts import Episode, EpisodeMetrics, EpisodeStarts, run_
 from lightning_pieg.module import PIEGModule
 from lightning_pieg.policy import CheckpointError
 from lightning_pieg.train import ConfigError, train
+from lightning_pieg.workers import EnvWorkers
 from test_dmcgb import make_data_dir
 
 def numpy_summary(episodes: list[Episode]) -> dict[str, float]:
@@ -193,21 +194,24 @@ def test_lockstep_batches_give_the_returns_of_one_environment_at_a_time(task, mo
     sequential_env = envs.make(task, mode, seed=43, **options)
     sequential = [run_episode(sequential_env, lambda obs: act(obs[None])[0], record=i == 0) for i in range(4)]
     workers = [envs.make(task, mode, seed=43, **options) for _ in range(3)]
-    finished = []
-    lockstep = run_lockstep(workers, act, 4, EpisodeStarts(reference), record_first=True, on_episode=finished.append)
+    finished, starts = [], EpisodeStarts(reference)
+    lockstep = run_lockstep(workers, act, 4, starts, record_first=True, on_episode=finished.append)
+    with EnvWorkers(task, mode, [43, 43], options=options, timeout=60.0, start_timeout=300.0) as pool:
+        in_processes = run_lockstep(pool, act, 4, starts, record_first=True)  # two worker processes
     for env in (reference, sequential_env, *workers):
         env.close()
     rewards = [e.reward for e in sequential]
     assert len(set(rewards)) == 4  # four different episodes, not one replayed
-    # rtol 1e-4, not 1e-5: a batch of 3 and a batch of 1 take different oneDNN kernels, and walker's contacts amplify
-    # their last-bit differences to ~1e-5 of the return over 10 steps (the same on HEAD before this change)
-    np.testing.assert_allclose([e.reward for e in lockstep], rewards, rtol=1e-4)
-    assert [e.length for e in lockstep] == [e.length for e in sequential]
-    assert [e.success for e in lockstep] == [e.success for e in sequential]
-    assert (sequential[0].success is not None) == (task == "drawer_close")
     assert len(finished) == 4 and sorted(e.reward for e in finished) == sorted(e.reward for e in lockstep)
-    np.testing.assert_array_equal(lockstep[0].frames[0], sequential[0].frames[0])
-    assert len(lockstep[0].frames) == lockstep[0].length + 1 and not lockstep[1].frames
+    for played in (lockstep, in_processes):
+        # rtol 1e-4, not 1e-5: a batch of 3 and a batch of 1 take different oneDNN kernels, and walker's contacts
+        # amplify their last-bit differences to ~1e-5 of the return over 10 steps
+        np.testing.assert_allclose([e.reward for e in played], rewards, rtol=1e-4)
+        assert [e.length for e in played] == [e.length for e in sequential]
+        assert [e.success for e in played] == [e.success for e in sequential]
+        np.testing.assert_array_equal(played[0].frames[0], sequential[0].frames[0])
+        assert len(played[0].frames) == played[0].length + 1 and not played[1].frames
+    assert (sequential[0].success is not None) == (task == "drawer_close")
 
 
 def test_an_episode_start_that_is_not_reproduced_is_an_error():
@@ -274,17 +278,25 @@ def test_training_evaluates_generalization_modes_with_their_batchnorm(tmp_path, 
 
     monkeypatch.setattr(PIEGModule, "act", counting_act)
     monkeypatch.setattr(PIEGModule, "act_batch", counting_act_batch)
-    cfg = train_config(tmp_path, f"env.time_limit={SHORT}", "num_eval_episodes=2", "save_video=true",
-                       "eval.modes=[train,video_easy]", f"eval.dmcgb_dir={data_dir}")
-    run_id = train(cfg, output_dir=tmp_path / "out")
-    # evaluations at frames 0 and 100, two 25-step episodes per mode each
-    assert calls == {"running": 100, "per_observation": 100}
-    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    for mode in ("train", "video_easy"):
-        assert [m.step for m in client.get_metric_history(run_id, f"eval/{mode}/episode_reward")] == [0, FRAMES]
-        assert [m.step for m in client.get_metric_history(run_id, f"eval/{mode}/episode_reward_std")] == [0, FRAMES]
-    assert sorted(a.path for a in client.list_artifacts(run_id, "videos")) == [
-        f"videos/eval_{mode}_{frame:09d}.mp4" for mode in ("train", "video_easy") for frame in (0, FRAMES)]
+    rewards = {}
+    for workers in (0, 2):  # one episode after another in this process; two worker processes in lockstep
+        calls.update(running=0, per_observation=0)
+        root = tmp_path / f"eval_workers_{workers}"
+        cfg = train_config(root, f"env.time_limit={SHORT}", "num_eval_episodes=2", "save_video=true",
+                           "eval.modes=[train,video_easy]", f"eval.dmcgb_dir={data_dir}", f"eval_workers={workers}")
+        run_id = train(cfg, output_dir=root / "out")
+        # evaluations at frames 0 and 100, two 25-step episodes per mode each
+        assert calls == {"running": 100, "per_observation": 100}
+        client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+        for mode in ("train", "video_easy"):
+            history = client.get_metric_history(run_id, f"eval/{mode}/episode_reward")
+            assert [m.step for m in history] == [0, FRAMES]
+            assert [m.step for m in client.get_metric_history(run_id, f"eval/{mode}/episode_reward_std")] == [0, FRAMES]
+            rewards[workers, mode] = [m.value for m in history]
+        assert sorted(a.path for a in client.list_artifacts(run_id, "videos")) == [
+            f"videos/eval_{mode}_{frame:09d}.mp4" for mode in ("train", "video_easy") for frame in (0, FRAMES)]
+    for mode in ("train", "video_easy"):  # the same episodes (rtol: a batch of 2 takes other kernels than 1)
+        np.testing.assert_allclose(rewards[2, mode], rewards[0, mode], rtol=1e-4)
 
 
 def test_training_rejects_bad_eval_settings_before_any_work(tmp_path, monkeypatch):
