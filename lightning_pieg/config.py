@@ -168,7 +168,7 @@ class EvaluateConfig:
     checkpoint: Optional[str] = None
     episodes: int = rule(100, low=1)
     seed: Optional[int] = rule(None, low=0)
-    num_envs: int = rule(4, low=1)
+    num_envs: int = rule(4, low=1, high=64)
     env_workers: bool = True
     device: str = rule("auto", choices=("auto", "cpu", "cuda"))
     video: bool = True

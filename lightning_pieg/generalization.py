@@ -14,6 +14,7 @@ import csv
 import pickle
 import sys
 import time
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,15 +123,16 @@ def evaluate_mode(cfg: DictConfig, request: Plan, mode: str, reference, module, 
     first episode's video at once (a later mode's failure keeps them). Returns (CSV row, video path or None)."""
     name, started = request.names[mode], time.perf_counter()
     count = min(cfg.num_envs, cfg.episodes)
-    if cfg.env_workers:
-        workers = EnvWorkers(request.task, mode, [request.seed] * count, options=request.options,
-                             devices=egl_devices())
-    else:
-        workers = InProcessEnvs([envs.make(request.task, mode, seed=request.seed, **request.options)
-                                 for _ in range(count)])
     metrics = EpisodeMetrics()
     act = mean_action_policy(module, per_observation_bn=cfg.eval.bn == "per_observation")
-    try:
+    with ExitStack() as cleanup:
+        if cfg.env_workers:
+            workers = cleanup.enter_context(EnvWorkers(request.task, mode, [request.seed] * count,
+                                                       options=request.options, devices=egl_devices()))
+        else:
+            workers = InProcessEnvs([cleanup.enter_context(closing(envs.make(request.task, mode, seed=request.seed,
+                                                                               **request.options)))
+                                     for _ in range(count)])
         with tqdm(total=cfg.episodes, desc=name, unit="episode", file=sys.stderr, dynamic_ncols=True) as bar:
             def finished(episode) -> None:
                 metrics.update(episode)
@@ -139,8 +141,6 @@ def evaluate_mode(cfg: DictConfig, request: Plan, mode: str, reference, module, 
 
             episodes = run_lockstep(workers, act, cfg.episodes, EpisodeStarts(reference), record_first=cfg.video,
                                     stop_on_success=cfg.eval.stop_on_success, on_episode=finished)
-    finally:
-        workers.close()
     summary = metrics.compute()
     tracking.log_step_metrics(request.uri, run_id, {f"eval/{name}/{key}": value for key, value in summary.items()},
                               request.frame)

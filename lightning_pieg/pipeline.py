@@ -46,13 +46,15 @@ def make_eval_env(cfg: DictConfig, mode: str, rank: int = 0):
         raise ConfigError(f"eval.modes: {mode}: {error}") from None
 
 
-def build_eval_workers(cfg: DictConfig, mode: str, rank: int, count: int):
+def build_eval_workers(cfg: DictConfig, mode: str, rank: int, count: int, render_gpu: int | None = None):
     """``count`` worker processes with ``mode``'s evaluation environment for process ``rank`` (lockstep evaluation:
-    each episode's start is restored from the mode's own environment, so they all take its seed)."""
+    each episode's start is restored from the mode's own environment, so they all take its seed), rendering as the
+    training workers do (``build_training_envs``)."""
     from lightning_pieg.workers import EnvWorkers, egl_devices
 
+    devices = [render_gpu] if render_gpu is not None else egl_devices()
     return EnvWorkers(cfg.task, mode, [evaluation_seed(cfg.seed, rank)] * count, options=eval_env_options(cfg),
-                      devices=egl_devices(), timeout=cfg.collector.worker_timeout_s)
+                      devices=devices, timeout=cfg.collector.worker_timeout_s)
 
 
 def build_eval_targets(cfg: DictConfig) -> list[EvalEnv]:

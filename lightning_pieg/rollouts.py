@@ -1,12 +1,13 @@
 """Run evaluation episodes with a plain ``act(observation) -> action`` function and summarise them.
 
-Two ways to run episodes: ``run_episode`` plays one episode on one environment (training-time evaluation), and
-``run_lockstep`` plays a fixed set of episodes on several environments at once, batching their observations into
-one ``act`` call per step; in worker processes (``EnvWorkers``) the environments step in parallel. In
-``run_lockstep`` episode k always starts where a reference environment (built like the others, same seed) is at its
-k-th reset when reset back to back (``EpisodeStarts``), so the results do not depend on how many environments share
-the work. For modes whose randomness is drawn at reset (every mode but ``distracting_cs``, whose distractions keep
-drifting through a sequential run's episodes) that is exactly the sequential one-environment protocol.
+Two ways to run episodes: ``run_episode`` plays one episode on one environment (training-time evaluation unless
+``eval_workers`` is set), and ``run_lockstep`` plays a fixed set of episodes on several environments at once,
+batching their observations into one ``act`` call per step; in worker processes (``EnvWorkers``) the environments
+step in parallel. In ``run_lockstep`` episode k always starts where a reference environment (built like the others,
+same seed) is at its k-th reset when reset back to back (``EpisodeStarts``), so the results do not depend on how
+many environments share the work. For modes whose randomness is drawn at reset (every mode but ``distracting_cs``,
+whose distractions keep drifting through a sequential run's episodes) that is exactly the sequential
+one-environment protocol.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from lightning_pieg.envs import get_reset_state
+from lightning_pieg.workers import InProcessEnvs
 
 EVAL_SEED_OFFSET = 42  # evaluation environments are seeded with the training seed + 42, as the authors'
 EVAL_RANK_SEED_STRIDE = 10_000  # under DDP, process r evaluates with seed + 42 + r * stride
@@ -91,18 +93,24 @@ def run_lockstep(envs, act: Callable[[np.ndarray], np.ndarray], num_episodes: in
     ``(B, *action_shape)`` actions. An environment that finishes takes the next episode; ``record_first`` keeps
     episode 0's frames; ``on_episode`` is called with every finished episode (progress bars, metrics).
     """
-    from lightning_pieg.workers import InProcessEnvs  # workers.py builds environments: imported where needed
-
     pool = envs if hasattr(envs, "step_async") else InProcessEnvs(list(envs))
     if len(pool) == 0:
         raise ValueError("run_lockstep needs at least one environment.")
     episodes: list[Episode | None] = [None] * num_episodes
     playing: dict[int, tuple[int, Episode, np.ndarray]] = {}  # env -> (episode index, episode, its observation)
+    started = [False] * len(pool)
 
     def start(env_index: int, episode_index: int) -> None:
         state, first_observation = starts[episode_index]
         pool.set_reset_state(env_index, state, from_first_reset=episode_index == 0)
         result = pool.reset([env_index])
+        if not started[env_index] and not np.array_equal(result.observation[0], first_observation):
+            # Composer environments draw more on their very first reset: when the reference had been reset before
+            # (training-time evaluation reuses it), its episode 0 is a later reset, and this first reset was only
+            # the warm-up. Restore again.
+            pool.set_reset_state(env_index, state)
+            result = pool.reset([env_index])
+        started[env_index] = True
         if not np.array_equal(result.observation[0], first_observation):
             raise RuntimeError(f"episode {episode_index} did not start as the reference environment's reset "
                                f"{episode_index} did: this environment family does not restore its whole reset "

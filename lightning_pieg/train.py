@@ -199,7 +199,8 @@ def _train(cfg: DictConfig, trainer: pl.Trainer, resume: checkpoints.Resume | No
                                     output_dir / "videos" if cfg.save_video else None, print_fn=info,
                                     make_env=lambda mode, r: pipeline.make_eval_env(cfg, mode, r),
                                     stop_on_success=cfg.eval.stop_on_success,
-                                    make_workers=lambda mode, r, n: pipeline.build_eval_workers(cfg, mode, r, n),
+                                    make_workers=lambda mode, r, n: pipeline.build_eval_workers(cfg, mode, r, n,
+                                                                                                render_gpu),
                                     num_workers=cfg.eval_workers)
     hint = (f"learning or target rates too high for this task (lr={cfg.lr}, critic_target_tau={cfg.critic_target_tau}; "
             f"DrQ-v2 uses lr=1e-4, critic_target_tau=0.01)")

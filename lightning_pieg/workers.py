@@ -353,8 +353,8 @@ class EnvWorkers:
 
 
 class InProcessEnvs:
-    """``EnvWorkers``' interface over environments in this process (``collector.num_envs=0``): ``step_async`` only
-    remembers the actions and ``step_wait`` runs them, so nothing overlaps with the learner."""
+    """``EnvWorkers``' interface over environments in this process (``collector.num_envs=0``, ``env_workers=false``):
+    ``step_async`` only remembers the actions and ``step_wait`` runs them, so nothing overlaps with the learner."""
 
     def __init__(self, environments: Sequence):
         self.environments = list(environments)
@@ -385,7 +385,10 @@ class InProcessEnvs:
         return self._steps(indices, [self.environments[index].reset() for index in indices])
 
     def step_async(self, actions: np.ndarray, indices: Sequence[int] | None = None) -> None:
-        self._pending = (self._indices(indices), np.asarray(actions))
+        indices = self._indices(indices)
+        if len(actions) != len(indices):
+            raise ValueError(f"{len(actions)} actions for {len(indices)} environments.")
+        self._pending = (indices, np.asarray(actions))
 
     def step_wait(self, timeout: float | None = None) -> Steps:
         (indices, actions), self._pending = self._pending, None

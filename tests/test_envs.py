@@ -114,6 +114,17 @@ def test_importing_torchvision_after_rendering_does_not_crash():
     assert result.stdout.strip().endswith("ok")
 
 
+def test_asking_the_renderer_after_building_an_env_leaves_no_egl_errors_at_exit():
+    """Training prints the OpenGL renderer after its evaluation environments have rendered: asking must not make
+    the interpreter's exit free their contexts on a terminated EGL display (tracebacks after every run)."""
+    code = ("import lightning_pieg.envs as envs; from lightning_pieg.envs.rendering import renderer_string; "
+            "env = envs.make('cartpole_balance', time_limit=0.1); env.reset(); print(renderer_string())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() and not result.stdout.startswith("unknown"), result.stdout
+    assert "Exception ignored" not in result.stderr and "EGLError" not in result.stderr, result.stderr[-2000:]
+
+
 def test_a_missing_gl_backend_is_a_clear_error():
     """OSMesa is not installed on these machines: asking for it must name what to install, not crash obscurely."""
     code = ("import lightning_pieg.envs as envs\n"

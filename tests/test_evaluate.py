@@ -184,7 +184,7 @@ def test_cli_error_is_one_line_and_exit_status_2(tmp_path):
 @pytest.mark.parametrize("task,mode", [("cartpole_balance", "train"), ("walker_walk", "video_easy"),
                                        ("drawer_close", "train")])
 def test_lockstep_batches_give_the_returns_of_one_environment_at_a_time(task, mode, data_dir):
-    # drawer_close exposes no reset state (its workers replay the resets) and reports success
+    # drawer_close reports success
     options = {"time_limit": 0.2} if task != "drawer_close" else {"time_limit": 0.125}
     if mode.startswith("video"):
         options["dmcgb_dir"] = str(data_dir)

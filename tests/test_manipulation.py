@@ -140,17 +140,22 @@ def test_bad_options_name_the_option():
         envs.make("reach_duplo", "bent")
 
 
-def test_lockstep_evaluation_replays_the_sequential_episodes():
+@pytest.mark.parametrize("earlier_resets", [0, 2])
+def test_lockstep_evaluation_replays_the_sequential_episodes(earlier_resets):
     """Composer envs draw more on their first reset than later: fresh lockstep workers must still start each
-    episode where one environment run back to back does (and a resumed collector likewise)."""
+    episode where one environment run back to back does (and a resumed collector likewise), also when that
+    environment has played episodes before (training-time evaluation keeps one per mode)."""
     from lightning_pieg.rollouts import EpisodeStarts, run_episode, run_lockstep
 
     make = lambda: envs.make("reach_duplo", "train", seed=5, time_limit=0.2)  # noqa: E731  (3 agent steps)
     act = lambda observations: np.zeros((len(observations), 9), np.float32)  # noqa: E731
-    sequential_env = make()
+    sequential_env, reference = make(), make()
+    for _ in range(earlier_resets):
+        sequential_env.reset()
+        reference.reset()
     sequential = [run_episode(sequential_env, lambda obs: np.zeros(9, np.float32), record=True) for _ in range(3)]
     workers = [make(), make()]
-    lockstep = run_lockstep(workers, act, 3, EpisodeStarts(make()), record_first=True)
+    lockstep = run_lockstep(workers, act, 3, EpisodeStarts(reference), record_first=True)
     assert [e.length for e in lockstep] == [e.length for e in sequential] == [3, 3, 3]
     for want, have in zip(sequential[0].frames, lockstep[0].frames):
         np.testing.assert_array_equal(want, have)

@@ -46,14 +46,16 @@ def renderer_string() -> str:
     from a GPU's EGL driver to software rendering is visible."""
     select_backend()
     try:
-        import mujoco
+        from dm_control import mujoco
         from OpenGL import GL
 
-        context = mujoco.GLContext(8, 8)
-        context.make_current()
+        # dm_control's own context, not mujoco.GLContext: importing mujoco.egl registers an eglTerminate at exit
+        # that runs before dm_control frees the contexts of environments built earlier (EGL_BAD_DISPLAY tracebacks)
+        physics = mujoco.Physics.from_xml_string("<mujoco/>")
         try:
-            return GL.glGetString(GL.GL_RENDERER).decode()
+            with physics.contexts.gl.make_current() as context:
+                return context.call(GL.glGetString, GL.GL_RENDERER).decode()
         finally:
-            context.free()
+            physics.free()
     except Exception as error:  # noqa: BLE001 - whatever the backend raises, the caller only prints it
         return f"unknown ({type(error).__name__}: {error})"
