@@ -169,7 +169,7 @@ class EvaluateConfig:
     episodes: int = rule(100, low=1)
     seed: Optional[int] = rule(None, low=0)
     num_envs: int = rule(4, low=1, high=64)
-    env_workers: bool = True
+    env_workers: bool = False
     device: str = rule("auto", choices=("auto", "cpu", "cuda"))
     video: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -2,9 +2,9 @@
 
 Defaults follow the paper: 100 episodes per mode, mean actions, environment seed = training seed + 42, the task's
 own episode length, the training frame stack, action repeat and image size, and per-observation BatchNorm
-statistics (``eval.bn``). ``num_envs`` environments (each in a worker process unless ``env_workers=false``) run in
-lockstep and their observations share one encoder pass; episode k starts the same way whatever ``num_envs`` is (see
-``rollouts.py``). Results go to the checkpoint's MLflow run (``eval/<mode>/*`` at the checkpoint's frame) with a
+statistics (``eval.bn``). ``num_envs`` environments (each in a worker process with ``env_workers=true``) run
+in lockstep and their observations share one encoder pass; episode k starts the same way whatever ``num_envs`` is
+(see ``rollouts.py``). Results go to the checkpoint's MLflow run (``eval/<mode>/*`` at the checkpoint's frame) with a
 CSV, a markdown table and an mp4 of each mode's first episode. Every request error (checkpoint, mode, data folder,
 MLflow run) stops before the module is loaded.
 """

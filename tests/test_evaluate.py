@@ -329,8 +329,8 @@ def test_cli_gives_table_and_metrics_for_every_benchmark_mode(trained, tmp_path_
     store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "eval"
     result = subprocess.run(
         [sys.executable, "-m", "lightning_pieg.evaluate", f"checkpoint={copy}", f"eval.modes=[{','.join(PAPER_MODES)}]",
-         "episodes=2", "num_envs=2", "env.time_limit=0.2", f"eval.dmcgb_dir={data}", f"eval.davis_dir={davis}",
-         "video=false", f"mlflow.tracking_uri={store}", f"hydra.run.dir={out}"],
+         "episodes=2", "num_envs=2", "env_workers=true", "env.time_limit=0.2", f"eval.dmcgb_dir={data}",
+         f"eval.davis_dir={davis}", "video=false", f"mlflow.tracking_uri={store}", f"hydra.run.dir={out}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
 
