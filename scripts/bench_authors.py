@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     bench_train = load_script("bench_train")
     ours_args = SimpleNamespace(task=TASK, batch=args.batch, frames=args.frames, seed_frames=args.seed_frames,
                                 accelerator="cpu")
-    print(f"machine: {load_script('bench_update').machine(torch.device('cpu'))}\ntorch {torch.__version__}\nthe authors' checkout: {authors}", flush=True)
+    machine = load_script("bench_update").machine(torch.device("cpu"))
+    print(f"machine: {machine}\ntorch {torch.__version__}\nthe authors' checkout: {authors}", flush=True)
     configs = [("authors", 0, "32-true"), *(("ours", envs, precision) for envs, precision in ours)]
     results: dict[tuple, list[dict]] = {config: [] for config in configs}
     with tempfile.TemporaryDirectory(prefix="bench_authors_") as tmp:
