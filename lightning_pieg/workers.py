@@ -36,6 +36,12 @@ import torch
 from lightning_pieg.console import Fault
 
 
+# Mesa llvmpipe's rasterizer threads in a worker unless the user sets LP_NUM_THREADS: one, so that N workers do
+# not start N times the cores in render threads. "0" (rasterize in the worker's own thread) measured the same here
+# (scripts/bench_envs.py --render-threads 0 1, docs/measurements.md).
+WORKER_RENDER_THREADS = "1"
+
+
 class WorkerError(Fault):
     """A worker process died, hung or raised."""
 
@@ -63,7 +69,7 @@ def _worker(conn: Connection, task: str, mode: str, seed: int, options: dict, de
             torch_threads: int) -> None:
     """The worker process: build the env, then serve commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the workers
-    os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa llvmpipe threads: one per worker unless the user chose
+    os.environ.setdefault("LP_NUM_THREADS", WORKER_RENDER_THREADS)
     if device is not None:
         os.environ["MUJOCO_EGL_DEVICE_ID"] = str(device)
     try:
