@@ -11,7 +11,7 @@ stepping while the learner updates. Frames/s counts the frames after the seed ph
 The split: ``act`` (choosing actions), ``env`` (waiting for the environments: with workers, only what the update
 did not hide), ``sample`` (replay), ``update`` (the optimiser steps), and the rest (logging, Lightning). The first
 configuration listed is the baseline of the ratio column; repeats alternate the configurations so that this
-machine's drift hits them alike; the table gives medians.
+machine's drift hits them alike; the table gives medians, and each repeat's frames/s.
 """
 from __future__ import annotations
 
@@ -108,17 +108,19 @@ def main() -> None:
                 results[config].append(run(args, *config, images, Path(tmp) / f"r{repeat}_{index}"))
     print(f"\n{args.task}, {args.frames:,} frames ({args.seed_frames:,} seed), update every 2 agent steps, overlay on, "
           f"median of {args.repeats}; shares of the wall time after the seed phase\n")
-    print("| agent | batch | collector | precision | frames/s | ratio | act | env | sample | update | other |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| agent | batch | collector | precision | frames/s | ratio | act | env | sample | update | other | "
+          "each run's frames/s |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     baseline: dict[str, float] = {}
     for (agent, envs, precision), runs in results.items():
         median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         baseline.setdefault(agent, median["fps"])
         other = 1.0 - sum(median[key] for key in ("act", "env", "sample", "update"))
+        each = " / ".join(f"{run['fps']:.1f}" for run in runs)
         collector = "in process" if envs == 0 else f"{envs} worker{'s' if envs > 1 else ''}"
         print(f"| {agent} | {args.batch or BATCH[agent]} | {collector} | {precision} | {median['fps']:.1f} | "
               f"{median['fps'] / baseline[agent]:.2f} | {median['act']:.0%} | {median['env']:.0%} | "
-              f"{median['sample']:.0%} | {median['update']:.0%} | {other:.0%} |")
+              f"{median['sample']:.0%} | {median['update']:.0%} | {other:.0%} | {each} |")
 
 
 if __name__ == "__main__":
